@@ -1,0 +1,1 @@
+"""Modules that replace parts of an HF decoder: attention with prefix and KV quantizers, online-Hadamard linears."""

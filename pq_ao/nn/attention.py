@@ -1,0 +1,215 @@
+"""`PrefixAttention`: the attention module of a PrefixQuant model.
+
+It replaces an HF decoder attention module (the q/k/v/o projections, optional per-head q_norm/k_norm, RoPE through
+the model's `position_embeddings`) and adds, in this order after RoPE:
+
+1. R3: the orthonormal head_dim Hadamard on Q and K (`rotate_qk`). Q.K is unchanged, so logits are too.
+2. Static (per KV head) or dynamic (per token and head) quantization of the *new* tokens' K and V; the cache holds
+   the quantized values, so every later step reads exactly what an int4/int8 cache would hold.
+3. The prefix: constant full-precision K (post-RoPE at positions 0..P-1, post-R3) and V that every query attends to.
+   Real tokens sit at positions P.. (see `PrefixPositions`); the HF cache never holds the prefix.
+
+Invariant: with no prefix, no quantizers and `rotate_qk=False`, outputs equal the wrapped module's (same math).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pq_ao import quant_math
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _default_rope(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _model_rope(attn: nn.Module) -> Callable:
+    """The RoPE function of the wrapped module's own modeling file (falls back to the standard rotate-half)."""
+    return getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", _default_rope)
+
+
+class KVQuantizer(nn.Module):
+    """Symmetric fake quantization of K or V, `[B, H_kv, T, D]`.
+
+    static: one scale per KV head (`scale` [H_kv]); dynamic: one per token and head, from its absmax times `clip`.
+    """
+
+    def __init__(self, bits: int, n_kv_heads: int, mode: str, clip: float = 1.0):
+        super().__init__()
+        if mode not in ("static", "dynamic"):
+            raise ValueError(f"KV quantization mode must be 'static' or 'dynamic', got {mode!r}")
+        self.bits, self.mode, self.clip = bits, mode, clip
+        self.register_buffer("scale", torch.ones(n_kv_heads, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "static":
+            scale = self.scale.view(1, -1, 1, 1)
+        else:
+            scale = quant_math.scale_from_absmax(x.float().abs().amax(-1, keepdim=True), self.bits, self.clip)
+        return quant_math.fake_quantize(x, scale, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, mode={self.mode}"
+
+
+class PrefixAttention(nn.Module):
+    """Drop-in replacement of an HF attention module; see the module docstring for what it adds."""
+
+    def __init__(self, attn: nn.Module, rotate_qk: bool = False):
+        super().__init__()
+        cfg = attn.config
+        self.config = cfg
+        self.layer_idx = attn.layer_idx
+        self.head_dim = attn.head_dim
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.scaling = attn.scaling
+        self.is_causal = True
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, name, getattr(attn, name))
+        self.q_norm = getattr(attn, "q_norm", None)
+        self.k_norm = getattr(attn, "k_norm", None)
+        self._rope = _model_rope(attn)
+        self.rotate_qk = rotate_qk
+        if rotate_qk:
+            from pq_ao.hadamard import hadamard_factor  # the R3 transform, shared with the kernels
+
+            _, had_k = hadamard_factor(self.head_dim)
+            self.register_buffer("r3_had_k", had_k.to(torch.float32), persistent=False)
+        self.k_quant: KVQuantizer | None = None
+        self.v_quant: KVQuantizer | None = None
+        self.prefix_k: torch.Tensor | None = None
+        self.prefix_v: torch.Tensor | None = None
+        self.observer: Callable | None = None  # calibration: observer(module, q, k, v) on new tokens, pre-quant
+
+    @classmethod
+    def wrap(cls, attn: nn.Module, rotate_qk: bool = False) -> "PrefixAttention":
+        if isinstance(attn, cls):
+            attn.set_rotate_qk(rotate_qk)
+            return attn
+        missing = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "config", "layer_idx") if not hasattr(attn, n)]
+        if missing:
+            raise TypeError(f"{type(attn).__name__} is not an HF decoder attention module: it lacks {missing}")
+        return cls(attn, rotate_qk)
+
+    def set_rotate_qk(self, rotate_qk: bool) -> None:
+        if rotate_qk and not self.rotate_qk:
+            from pq_ao.hadamard import hadamard_factor
+
+            self.register_buffer("r3_had_k", hadamard_factor(self.head_dim)[1].float(), persistent=False)
+        self.rotate_qk = rotate_qk
+
+    # ---- prefix ---------------------------------------------------------------------------------------------
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix_k is None else self.prefix_k.shape[2]
+
+    def set_prefix(self, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
+        """Install the prefix KV, `[1, H_kv, P, D]` each (K post-RoPE, post-R3), as constant buffers."""
+        if k is None:
+            self.prefix_k = self.prefix_v = None
+            return
+        if k.shape != v.shape or k.dim() != 4 or k.shape[0] != 1 or k.shape[1] != self.n_kv_heads:
+            raise ValueError(f"prefix K/V must be [1, {self.n_kv_heads}, P, {self.head_dim}], got {k.shape}, {v.shape}")
+        self.register_buffer("prefix_k", k.detach().clone())
+        self.register_buffer("prefix_v", v.detach().clone())
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def _r3(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.pq_ao.hadamard_transform(x, self.r3_had_k)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        bsz, q_len = hidden_states.shape[:2]
+        hidden_shape = (bsz, q_len, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape)
+        k = self.k_proj(hidden_states).view(hidden_shape)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        cos, sin = position_embeddings
+        q, k = self._rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        if self.rotate_qk:
+            q, k = self._r3(q), self._r3(k)
+        if self.observer is not None:
+            self.observer(self, q, k, v)
+        if self.k_quant is not None:
+            k = self.k_quant(k)
+        if self.v_quant is not None:
+            v = self.v_quant(v)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        out = self._attend(q, k, v, attention_mask)
+        out = out.transpose(1, 2).reshape(bsz, q_len, -1)
+        return self.o_proj(out), None
+
+    def _attend(self, q, k, v, attention_mask):
+        """softmax(Q [K_prefix; K]^T * scaling) [V_prefix; V] with the prefix visible to every query."""
+        bsz, _, q_len, _ = q.shape
+        kv_len = k.shape[2]
+        p = self.prefix_len
+        if p:
+            k = torch.cat([self.prefix_k.to(k.dtype).expand(bsz, -1, -1, -1), k], dim=2)
+            v = torch.cat([self.prefix_v.to(v.dtype).expand(bsz, -1, -1, -1), v], dim=2)
+        mask = _extend_mask(attention_mask, q_len, kv_len, p, q.device)
+        is_causal = mask is None and q_len > 1
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, rotate_qk={self.rotate_qk}, prefix={self.prefix_len}"
+
+
+def _extend_mask(mask, q_len: int, kv_len: int, prefix_len: int, device) -> torch.Tensor | None:
+    """The HF mask over the cache (None = causal, bool = keep, float = additive), widened by `prefix_len` visible
+    columns on the left. Returns None when plain causal attention without a prefix suffices."""
+    if mask is None:
+        if prefix_len == 0 and (q_len == kv_len or q_len == 1):
+            return None  # SDPA's is_causal (or a single query seeing everything) is exact here
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+        mask = causal[None, None]
+    mask = mask[..., :kv_len]
+    if prefix_len == 0:
+        return mask
+    if mask.dtype == torch.bool:
+        cols = torch.ones(*mask.shape[:-1], prefix_len, dtype=torch.bool, device=mask.device)
+    else:
+        cols = torch.zeros(*mask.shape[:-1], prefix_len, dtype=mask.dtype, device=mask.device)
+    return torch.cat([cols, mask], dim=-1)
+
+
+class PrefixPositions(nn.Module):
+    """Wraps a model's rotary-embedding module so real tokens get positions `offset + position_ids`."""
+
+    def __init__(self, rotary: nn.Module, offset: int):
+        super().__init__()
+        self.rotary = rotary
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        return self.rotary(x, position_ids + self.offset)
+
+    def extra_repr(self) -> str:
+        return f"offset={self.offset}"
