@@ -1,0 +1,197 @@
+"""The `pq-ao` command.
+
+Subcommands are functions registered with `@subcommand(arg(...), ...)`: the function's name (less `cmd_`) is the
+subcommand, its docstring the help, the `arg`s its options; it gets the parsed namespace and returns an exit code.
+A new subcommand (quantize, export, generate) is one such function. User errors (`ValueError`, `FileNotFoundError`:
+unknown model or task, missing dataset, seqlen too long) print one line on stderr and exit 1, without a traceback.
+
+`pq-ao eval --json out.json` writes (and rewrites after each task, so a long run keeps what finished):
+
+    {"schema": 1, "command": "eval", "model": str, "dtype": "bf16"|"fp32", "seqlen": int, "limit": int|null,
+     "batch_size": int|null, "tasks": [str], "date": ISO-8601 UTC start, "complete": bool,
+     "versions": {"torch", "transformers", "lm_eval", "python"}, "machine": {"platform", "cpus", "device"},
+     "wall_seconds": {"load_model", "total"},
+     "results": {"wikitext2": {"ppl", "nll", "n_windows", "n_tokens", "seqlen", "seconds"},
+                 "<zero-shot task>": {"acc", "acc_norm" (not winogrande, lambada), "ppl" (lambada), "<metric>_stderr",
+                                      "n", "seconds"}},
+     "summary": {"avg5": paper 5-task average (acc_norm; acc for winogrande) or null, "avg5_acc": plain acc or null}}
+
+Accuracies are fractions in [0, 1]; the wikitext2 perplexity is `results.wikitext2.ppl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+PPL_TASKS = ("wikitext2",)
+USER_ERRORS = (ValueError, FileNotFoundError)
+
+_SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], tuple]] = {}
+
+
+def arg(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """One `add_argument` call, for `subcommand`."""
+    return flags, kwargs
+
+
+def subcommand(*args: tuple[tuple[str, ...], dict[str, Any]]):
+    """Register the decorated `cmd_<name>(namespace) -> int` as `pq-ao <name>` with options `args`."""
+
+    def register(fn: Callable[[argparse.Namespace], int]):
+        _SUBCOMMANDS[fn.__name__.removeprefix("cmd_").replace("_", "-")] = (fn, args)
+        return fn
+
+    return register
+
+
+MODEL_ARGS = (
+    arg("--model", required=True, help="a known name (smollm2-135m, stories260k), a HF model dir, a .gguf file "
+        "or a hub id"),
+    arg("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and activations dtype (default bf16)"),
+)  # fmt: skip
+
+
+def resolve_model(name_or_dir: str, dtype: torch.dtype):
+    """(model, tokenizer) for a `--model` argument: the one place that maps the argument to a model."""
+    from pq_ao.models import load_model
+
+    return load_model(name_or_dir, dtype=dtype)
+
+
+def _parse_tasks(spec: str) -> list[str]:
+    from pq_ao.eval import zeroshot
+
+    known = (*PPL_TASKS, *zeroshot.TASKS)
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in known]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task(s) {unknown or spec!r}; known tasks: {', '.join(known)}")
+    return tasks
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lm_eval": metadata.version("lm_eval"),
+        "python": platform.python_version(),
+    }
+
+
+def _write_json(path: Path, report: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+
+
+@subcommand(
+    *MODEL_ARGS,
+    arg("--tasks", default="wikitext2", help="comma-separated: wikitext2, piqa, arc_easy, arc_challenge, hellaswag, "
+        "winogrande, lambada_openai (default wikitext2)"),
+    arg("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)"),
+    arg("--limit", type=int, help="at most this many perplexity windows / examples per zero-shot task"),
+    arg("--batch-size", type=int, help="windows (default 1) or lm-eval requests (default 16) per forward"),
+    arg("--json", type=Path, help="write the results here (schema: pq_ao.cli docstring)"),
+)  # fmt: skip
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a model: WikiText-2 perplexity and lm-eval zero-shot tasks, on local data."""
+    from pq_ao import data
+    from pq_ao.eval import perplexity, zeroshot
+    from pq_ao.eval.report import format_table
+
+    start = time.perf_counter()
+    tasks = _parse_tasks(args.tasks)
+    for t in tasks:
+        data.check_available(t)
+    report: dict[str, Any] = {
+        "schema": 1,
+        "command": "eval",
+        "model": args.model,
+        "dtype": args.dtype,
+        "seqlen": args.seqlen,
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "tasks": tasks,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "complete": False,
+        "versions": _versions(),
+        "wall_seconds": {},
+        "results": {},
+        "summary": {},
+    }
+
+    def save() -> None:
+        report["wall_seconds"]["total"] = time.perf_counter() - start
+        if args.json is not None:
+            _write_json(args.json, report)
+
+    model, tokenizer = resolve_model(args.model, DTYPES[args.dtype])
+    device = next(model.parameters()).device
+    report["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(device)}
+    report["wall_seconds"]["load_model"] = time.perf_counter() - start
+    save()
+    for t in (t for t in tasks if t in PPL_TASKS):
+        res = perplexity.perplexity(
+            model, tokenizer, t, seqlen=args.seqlen, batch_size=args.batch_size or 1, max_windows=args.limit
+        )
+        report["results"][t] = res.to_dict()
+        save()
+    zs_tasks = [t for t in tasks if t in zeroshot.TASKS]
+    if zs_tasks:
+
+        def on_task(task: str, metrics: dict[str, Any]) -> None:
+            report["results"][task] = metrics
+            save()
+
+        zs = zeroshot.evaluate(
+            model, tokenizer, zs_tasks, limit=args.limit, batch_size=args.batch_size or 16, on_task=on_task
+        )
+        report["summary"] = {"avg5": zs["avg5"], "avg5_acc": zs["avg5_acc"]}
+    report["complete"] = True
+    save()
+    print(f"\n{args.model} ({args.dtype}, seqlen {args.seqlen}" + (f", limit {args.limit}" if args.limit else "") + ")")
+    print(format_table(report["results"], report["summary"]))
+    if args.json is not None:
+        print(f"results written to {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pq-ao", description="PrefixQuant for torchao: quantize and evaluate LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, args) in _SUBCOMMANDS.items():
+        doc = (fn.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc)
+        for flags, kwargs in args:
+            p.add_argument(*flags, **kwargs)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `pq-ao`; returns the exit code (argparse exits 2 itself on bad usage)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"pq-ao {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
