@@ -89,8 +89,8 @@ class PrefixAttention(nn.Module):
             self.register_buffer("r3_had_k", had_k.to(torch.float32), persistent=False)
         self.k_quant: KVQuantizer | None = None
         self.v_quant: KVQuantizer | None = None
-        self.prefix_k: torch.Tensor | None = None
-        self.prefix_v: torch.Tensor | None = None
+        self.register_buffer("prefix_k", None)
+        self.register_buffer("prefix_v", None)
         self.observer: Callable | None = None  # calibration: observer(module, q, k, v) on new tokens, pre-quant
 
     @classmethod
@@ -122,8 +122,7 @@ class PrefixAttention(nn.Module):
             return
         if k.shape != v.shape or k.dim() != 4 or k.shape[0] != 1 or k.shape[1] != self.n_kv_heads:
             raise ValueError(f"prefix K/V must be [1, {self.n_kv_heads}, P, {self.head_dim}], got {k.shape}, {v.shape}")
-        self.register_buffer("prefix_k", k.detach().clone())
-        self.register_buffer("prefix_v", v.detach().clone())
+        self.prefix_k, self.prefix_v = k.detach().clone(), v.detach().clone()
 
     # ---- forward --------------------------------------------------------------------------------------------
     def _r3(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,156 @@
+"""`quantize_`: the PrefixQuant pipeline for a `PrefixQuantConfig`, torchao's `quantize_` for any other config.
+
+Pipeline (docs/architecture.md): structure -> fold norms -> rotate (R1, R2 fused; R3, R4 online) -> outlier
+tokens -> prefix KV -> statistics -> block-wise grid search + conversion. In place, like torchao's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torchao.quantization import quantize_ as _torchao_quantize_
+from torchao.quantization.transform_module import register_quantize_module_handler
+
+from pq_ao.calibration.grid_search import BlockPlan, calibrate_blocks
+from pq_ao.calibration.outliers import PrefixReport, find_prefix, token_max, top_median_ratio
+from pq_ao.calibration.prefix_kv import install_prefix
+from pq_ao.calibration.sites import block_sites
+from pq_ao.calibration.stats import collect_stats
+from pq_ao.config import PrefixQuantConfig
+from pq_ao.passes import attach_attention, find_structure, fold_norms, rotate_model
+
+
+@dataclass
+class QuantizationReport:
+    """What `quantize_` did: the config, the prefix found, per-block calibration results, wall times."""
+
+    config: dict
+    prefix: PrefixReport | None
+    blocks: list[BlockPlan] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"pq_ao {PrefixQuantConfig(**_restorable(self.config)).name}: {sum(self.seconds.values()):.1f} s"]
+        if self.prefix is not None:
+            lines.append("  " + self.prefix.summary())
+        if self.blocks:
+            worst = max(range(len(self.blocks)), key=lambda i: self.blocks[i].mse_after)
+            lines.append(f"  block-output MSE, worst block {worst}: {self.blocks[worst].mse_after:.3g}")
+        return "\n".join(lines)
+
+
+def _restorable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("calibration",)}
+
+
+def resolve_tokenizer(model: nn.Module):
+    """The tokenizer of a model from `pq_ao.load_model`, or of an HF model from its `name_or_path`."""
+    tok = getattr(model, "pq_ao_tokenizer", None)
+    if tok is not None:
+        return tok
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if name:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError):
+            pass
+    raise ValueError(
+        "no tokenizer found for this model (not loaded with pq_ao.load_model, and no tokenizer at its "
+        "name_or_path): pass calibration token ids, prefixquant_w4a4(calibration=LongTensor[n, seqlen]), "
+        "or quantize_(model, config, tokenizer=...)"
+    )
+
+
+def calibration_data(config: PrefixQuantConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(statistics tokens [n_samples, seqlen], grid-search tokens [grid_samples, grid_seqlen])."""
+    from pq_ao import data
+
+    calib = config.calibration
+    if isinstance(calib, torch.Tensor):
+        return _split_ids(calib, config)
+    if tokenizer is None:
+        raise ValueError("calibration text needs a tokenizer: pass token ids instead")
+    text = list(calib) if isinstance(calib, (list, tuple)) else calib
+    stats = data.calibration_tokens(tokenizer, text, n=config.n_samples, seqlen=config.seqlen, seed=config.seed)
+    grid = data.calibration_tokens(
+        tokenizer, text, n=config.grid_samples, seqlen=config.grid_seqlen, seed=config.seed + 1
+    )
+    return stats, grid
+
+
+def _split_ids(ids: torch.Tensor, config: PrefixQuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids given directly serve both the statistics and the grid search (as given; no re-windowing)."""
+    return ids[: config.n_samples], ids[: config.grid_samples]
+
+
+@torch.no_grad()
+def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> QuantizationReport:
+    """Run the whole PrefixQuant pipeline on `model` in place; returns the report (also at `model.pq_ao_report`)."""
+    t = {"start": time.perf_counter()}
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        t[name] = now - t.pop("_last", t["start"])
+        t["_last"] = now
+
+    if not isinstance(config.calibration, torch.Tensor) or config.prefix:
+        tokenizer = tokenizer or resolve_tokenizer(model)
+    model.eval()
+    stats_ids, grid_ids = calibration_data(config, tokenizer)
+    lap("data")
+    structure = find_structure(model)
+    fold_norms(model, structure)
+    if config.rotate:
+        rotate_model(model, structure, seed=config.seed)
+    else:
+        attach_attention(model, structure, rotate_qk=False)
+    blocks = block_sites(model, structure)
+    lap("rotate")
+    prefix = None
+    if config.prefix:
+        downs = [b.down for b in blocks]
+        prefix = find_prefix(model, downs, stats_ids, tokenizer, config.eta, config.max_prefix_len)
+        install_prefix(model, [b.attn for b in blocks], prefix.prefix_ids)
+        prefix.ratio_after = top_median_ratio(token_max(model, downs, stats_ids[:8])).tolist()
+    lap("prefix")
+    stats = collect_stats(model, blocks, stats_ids)
+    lap("statistics")
+    plans = calibrate_blocks(model, blocks, grid_ids, config, stats)
+    lap("grid_search")
+    t.pop("start"), t.pop("_last")
+    report = QuantizationReport(config=config.to_dict(), prefix=prefix, blocks=plans, seconds=t)
+    model.pq_ao_config = config
+    model.pq_ao_report = report
+    return report
+
+
+@register_quantize_module_handler(PrefixQuantConfig)
+def _prefixquant_handler(module: nn.Module, config: PrefixQuantConfig, **_kwargs) -> nn.Module:
+    """torchao's registry entry: PrefixQuant transforms a whole causal LM, never a single linear."""
+    if not hasattr(module, "get_decoder"):
+        raise TypeError(
+            f"PrefixQuantConfig transforms a whole causal LM, not a {type(module).__name__}: "
+            "call pq_ao.quantize_(model, config), or torchao's quantize_ with filter_fn=lambda m, fqn: fqn == ''"
+        )
+    prefixquant(module, config)
+    return module
+
+
+def quantize_(model: nn.Module, config, filter_fn=None, device=None, tokenizer=None):
+    """Quantize `model` in place. A `PrefixQuantConfig` runs the PrefixQuant pipeline on the whole causal LM and
+    returns its `QuantizationReport`; any other torchao `AOBaseConfig` goes to torchao's `quantize_` unchanged."""
+    if isinstance(config, PrefixQuantConfig):
+        if filter_fn is not None:
+            raise ValueError("PrefixQuantConfig quantizes every decoder linear; filter_fn is not supported")
+        if device is not None:
+            model.to(device)
+        return prefixquant(model, config, tokenizer)
+    return _torchao_quantize_(model, config, filter_fn=filter_fn, device=device)

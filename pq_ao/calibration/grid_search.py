@@ -1,0 +1,288 @@
+"""Block-wise calibration: min-max init, grid search of clip factors, conversion, one block at a time.
+
+For block i, with X its input from the already-quantized blocks 0..i-1 and Y = the full-precision block on X:
+1. weights: per output channel, the clip factor in {1.00, 0.95, .., 0.55} minimising that channel's output error
+   ||X_lin (w - q(w))||^2 (computed through the Gram matrix X_lin^T X_lin), then every linear is converted to an
+   `IntxLinearWeight` (the evaluated model is the converted model);
+2. K and V per head (static) or one clip (per tensor / dynamic): K by the MSE of the attention probabilities
+   (causal, prefix keys included), V by reconstruction MSE; grid {1.00 .. 0.55};
+3. activations, site by site (qkv, o, gate_up, down), the clip factor minimising ||block(X) - Y||^2:
+   static: coarse 0.25..0.95 (8 points) then +-0.05 (10 points) around the best, as the paper; dynamic: 0.6..1.0
+   (9 points). Earlier sites keep their chosen factor while later ones are searched (coordinate descent).
+Then X <- quantized block(X) for block i+1. Ties go to the later grid point, as the paper's code does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from pq_ao import quant_math
+from pq_ao.calibration.prefix_kv import decoder
+from pq_ao.calibration.sites import SITES, BlockSites
+from pq_ao.calibration.stats import ActStats, effective_input
+from pq_ao.nn.attention import KVQuantizer
+from pq_ao.passes.convert import quantize_linear, replace_child
+
+WEIGHT_GRID = [1.0 - i / 20 for i in range(10)]
+KV_GRID = WEIGHT_GRID
+STATIC_COARSE = torch.linspace(0.25, 0.95, 8).tolist()
+DYNAMIC_GRID = torch.linspace(0.6, 1.0, 9).tolist()
+
+
+@dataclass
+class BlockPlan:
+    """What calibration decides for one block (kept for the report)."""
+
+    act_clip: dict[str, float]
+    k_clip: list[float]
+    v_clip: list[float]
+    mse_before: float = 0.0
+    mse_after: float = 0.0
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, tokens: torch.Tensor):
+    """Hidden states entering the first block `[n, T, H]` and the keyword arguments of one block call
+    (position embeddings computed for batch 1, which broadcast over any batch)."""
+    got: dict = {}
+
+    def hook(_mod, args, kwargs):
+        got["x"] = args[0] if args else kwargs.pop("hidden_states")
+        got["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    device = next(model.parameters()).device
+    h = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    xs = []
+    try:
+        for row in tokens:
+            try:
+                decoder(model)(input_ids=row[None].to(device), use_cache=False)
+            except _Stop:
+                xs.append(got["x"])
+    finally:
+        h.remove()
+    kwargs = got["kwargs"]
+    kwargs["past_key_values"] = None
+    kwargs["use_cache"] = False
+    return torch.cat(xs), kwargs
+
+
+def _run(block: nn.Module, x: torch.Tensor, kwargs: dict, chunk: int) -> torch.Tensor:
+    outs = []
+    for s in range(0, x.shape[0], chunk):
+        out = block(x[s : s + chunk], **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outs)
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.mse_loss(a.float(), b.float()).item()
+
+
+def _argmin(values: list[float], grid: list[float]) -> float:
+    best = min(values)
+    return [g for g, v in zip(grid, values) if v == best][-1]  # ties -> later grid point
+
+
+def weight_clip(w: torch.Tensor, gram: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel clip factor minimising d^T G d, d = w_n - q(w_n)."""
+    w = w.float()
+    s0 = quant_math.scale_from_absmax(w.abs().amax(1, keepdim=True), bits)
+    best_err = torch.full((w.shape[0],), float("inf"))
+    best = torch.ones(w.shape[0])
+    for a in WEIGHT_GRID:
+        d = w - quant_math.fake_quantize(w, s0 * a, bits)
+        err = ((d @ gram) * d).sum(1)
+        better = err <= best_err
+        best_err = torch.where(better, err, best_err)
+        best[better] = a
+    return best
+
+
+class BlockCalibrator:
+    """Runs steps 1-3 of the module docstring on one block."""
+
+    def __init__(self, config, stats: ActStats, chunk: int = 4):
+        self.cfg = config
+        self.stats = stats
+        self.chunk = chunk
+
+    # -- step 1 ------------------------------------------------------------------------------------------------
+    def _grams(self, bs: BlockSites, x: torch.Tensor, kwargs: dict):
+        grams: dict[int, torch.Tensor] = {}
+        qkv: list = []
+
+        def hook(lin):
+            def fn(_mod, args):
+                inp = effective_input(lin, args[0]).reshape(-1, args[0].shape[-1]).float()
+                g = inp.T @ inp
+                grams[id(lin)] = grams[id(lin)] + g if id(lin) in grams else g
+
+            return fn
+
+        def observer(_mod, q, k, v):
+            qkv.append((q.float(), k.float(), v.float()))
+
+        seen, handles = set(), []
+        for _, lin in bs.all_linears():
+            if id(lin) not in seen and self.cfg.w_bits < 16:
+                seen.add(id(lin))
+                handles.append(lin.register_forward_pre_hook(hook(lin)))
+        bs.attn.observer = observer
+        try:
+            y = _run(bs.block, x, kwargs, self.chunk)
+        finally:
+            bs.attn.observer = None
+            for h in handles:
+                h.remove()
+        q, k, v = (torch.cat(t) for t in zip(*qkv))
+        return y, grams, (q, k, v)
+
+    def _convert(self, bs: BlockSites, grams: dict) -> None:
+        cfg = self.cfg
+        static = cfg.act_mode == "static" and cfg.a_bits < 16
+        for site in SITES:
+            absmax = torch.tensor([self.stats.act[(bs.index, site)]])
+            s0 = quant_math.scale_from_absmax(absmax, cfg.a_bits) if static else None
+            for lin in bs.linears(site):
+                clip = weight_clip(lin.weight.detach(), grams[id(lin)], cfg.w_bits) if cfg.grid_search else None
+                new = quantize_linear(
+                    lin, w_bits=cfg.w_bits, a_bits=cfg.a_bits, act_mode=cfg.act_mode, act_scale=s0, clip=clip
+                )
+                if new is not lin:  # an HadamardLinear (R4) became a plain Linear with R4 in its weight
+                    replace_child(bs.mlp, lin, new)
+                    bs.down = new
+
+    # -- step 2 ------------------------------------------------------------------------------------------------
+    def _kv(self, bs: BlockSites, qkv) -> tuple[list[float], list[float]]:
+        cfg = self.cfg
+        if cfg.kv_bits >= 16:
+            return [], []
+        q, k, v = qkv
+        attn = bs.attn
+        per_head = cfg.kv_mode == "static" and cfg.kv_granularity == "per_head"
+        grid = KV_GRID if cfg.kv_mode == "static" else DYNAMIC_GRID
+        clips = {}
+        for name, t in (("k", k), ("v", v)):
+            quant = KVQuantizer(cfg.kv_bits, attn.n_kv_heads, cfg.kv_mode)
+            absmax = getattr(self.stats, name)[bs.index]
+            base = absmax if per_head else absmax.amax().expand_as(absmax).clone()
+            if cfg.grid_search:
+                err = _k_errors(attn, q, k, quant, grid, base) if name == "k" else _v_errors(v, quant, grid, base)
+                if per_head:
+                    choice = [_argmin(err[:, h].tolist(), grid) for h in range(err.shape[1])]
+                else:
+                    choice = [_argmin(err.sum(1).tolist(), grid)] * err.shape[1]
+            else:
+                choice = [1.0] * attn.n_kv_heads
+            _set_kv(quant, base, torch.tensor(choice))
+            setattr(attn, f"{name}_quant", quant)
+            clips[name] = choice
+        return clips["k"], clips["v"]
+        return k_clip, v_clip
+
+    # -- step 3 ------------------------------------------------------------------------------------------------
+    def _act(self, bs: BlockSites, x, kwargs, y) -> dict[str, float]:
+        cfg = self.cfg
+        if cfg.a_bits >= 16:
+            return {}
+        chosen = {}
+        for site in SITES:
+            lins = bs.linears(site)
+            base = [lin.weight.act_scale.clone() for lin in lins]
+
+            def objective(a: float) -> float:
+                for lin, b in zip(lins, base):
+                    lin.weight.act_scale.copy_(b * a)
+                return _mse(_run(bs.block, x, kwargs, self.chunk), y)
+
+            if not cfg.grid_search:
+                best = 1.0
+            elif cfg.act_mode == "static":
+                errs = [objective(a) for a in STATIC_COARSE]
+                a0 = _argmin(errs, STATIC_COARSE)
+                fine = torch.linspace(a0 - 0.05, a0 + 0.05, 10).tolist()
+                best = _argmin([objective(a) for a in fine], fine)
+            else:
+                best = _argmin([objective(a) for a in DYNAMIC_GRID], DYNAMIC_GRID)
+            for lin, b in zip(lins, base):
+                lin.weight.act_scale.copy_(b * best)
+            chosen[site] = best
+        return chosen
+
+    @torch.no_grad()
+    def __call__(self, bs: BlockSites, x: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, BlockPlan]:
+        y, grams, qkv = self._grams(bs, x, kwargs)
+        self._convert(bs, grams)
+        k_clip, v_clip = self._kv(bs, qkv)
+        plan = BlockPlan(act_clip={}, k_clip=k_clip, v_clip=v_clip)
+        plan.mse_before = _mse(_run(bs.block, x, kwargs, self.chunk), y)
+        plan.act_clip = self._act(bs, x, kwargs, y)
+        x_next = _run(bs.block, x, kwargs, self.chunk)
+        plan.mse_after = _mse(x_next, y)
+        return x_next, plan
+
+
+def _k_errors(attn, q, k, kq: KVQuantizer, grid, base, max_queries: int = 256) -> torch.Tensor:
+    """MSE of softmax(q k^T) per KV head for each clip factor: `[len(grid), H_kv]`."""
+    n_kv, rep = attn.n_kv_heads, attn.n_heads // attn.n_kv_heads
+    t = k.shape[2]
+    qs = q[:, :, -max_queries:]  # the last queries see the most keys
+    nq = qs.shape[2]
+    causal = torch.ones(nq, t, dtype=torch.bool).tril(t - nq)
+    pk = attn.prefix_k.float() if attn.prefix_k is not None else None
+
+    def probs(kk: torch.Tensor) -> torch.Tensor:
+        kk = kk.repeat_interleave(rep, dim=1)
+        logits = (qs @ kk.transpose(-1, -2)) * attn.scaling
+        logits = logits.masked_fill(~causal, float("-inf"))
+        if pk is not None:
+            pre = (qs @ pk.repeat_interleave(rep, dim=1).transpose(-1, -2)) * attn.scaling
+            logits = torch.cat([pre.expand(logits.shape[0], -1, -1, -1), logits], dim=-1)
+        return logits.softmax(-1)
+
+    ref = probs(k)
+    out = []
+    for a in grid:
+        _set_kv(kq, base, a)
+        err = (probs(kq(k)) - ref).pow(2)  # [B, H, nq, P+T]
+        out.append(err.view(err.shape[0], n_kv, rep, -1).mean(dim=(0, 2, 3)))
+    return torch.stack(out)
+
+
+def _v_errors(v, vq: KVQuantizer, grid, base) -> torch.Tensor:
+    out = []
+    for a in grid:
+        _set_kv(vq, base, a)
+        out.append((vq(v) - v).pow(2).mean(dim=(0, 2, 3)))
+    return torch.stack(out)
+
+
+def _set_kv(quant: KVQuantizer, base_absmax: torch.Tensor, a) -> None:
+    """Clip `a` (a float or one per head): static scales are min-max scales of `base_absmax` [H_kv] times `a`;
+    dynamic quantizers keep `a` as their clip on each token's absmax."""
+    if quant.mode == "static":
+        quant.scale.copy_(quant_math.scale_from_absmax(base_absmax, quant.bits) * a)
+    else:
+        quant.clip = float(a if isinstance(a, float) else a[0])
+
+
+def calibrate_blocks(model: nn.Module, blocks: list[BlockSites], tokens: torch.Tensor, config, stats: ActStats):
+    """Steps 1-3 for every block in order; returns the per-block plans."""
+    x, kwargs = capture_block_inputs(model, blocks[0].block, tokens)
+    cal = BlockCalibrator(config, stats)
+    plans = []
+    for bs in tqdm(blocks, desc="calibrating blocks", leave=False):
+        x, plan = cal(bs, x, kwargs)
+        plans.append(plan)
+    return plans

@@ -1,0 +1,108 @@
+"""Build the prefix KV and install it: after this, every sequence attends to the prefix and starts at position P.
+
+Invariant: for input x, the prefixed model's logits equal the un-prefixed model's logits on `prefix + x` at the
+positions of x (in full precision), and the prefix KV is never quantized.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pq_ao.nn.attention import PrefixAttention, PrefixPositions
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The base decoder of a causal LM (no LM head): cheaper to run when only internals are observed."""
+    get = getattr(model, "get_decoder", None)
+    base = get() if callable(get) else None
+    return base if base is not None else model
+
+
+def rotary_owner(model: nn.Module) -> tuple[nn.Module, str]:
+    """(module, attribute) of the model-level rotary embedding that produces `position_embeddings`."""
+    base = decoder(model)
+    for name, child in base.named_children():
+        if "rotary" in name:
+            return base, name
+    raise ValueError(
+        f"{type(base).__name__} has no model-level rotary embedding module (no child named '*rotary*'): "
+        "PrefixQuant needs position_embeddings computed once per forward to offset real tokens past the prefix"
+    )
+
+
+@torch.no_grad()
+def build_prefix_kv(model: nn.Module, attns: list[PrefixAttention], prefix_ids: list[int]):
+    """Run the (rotated, full-precision) model over the prefix at positions 0..P-1; return per-layer (K, V)."""
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def observer(mod, q, k, v):
+        captured[id(mod)] = (k.detach().clone(), v.detach().clone())
+
+    saved = [(a.observer, a.k_quant, a.v_quant, a.prefix_k, a.prefix_v) for a in attns]
+    for a in attns:
+        a.observer, a.k_quant, a.v_quant = observer, None, None
+        a.set_prefix(None, None)
+    try:
+        device = next(model.parameters()).device
+        decoder(model)(input_ids=torch.tensor([prefix_ids], device=device), use_cache=False)
+    finally:
+        for a, (obs, kq, vq, pk, pv) in zip(attns, saved):
+            a.observer, a.k_quant, a.v_quant = obs, kq, vq
+            a.set_prefix(pk, pv)
+    return [captured[id(a)] for a in attns]
+
+
+def install_prefix(model: nn.Module, attns: list[PrefixAttention], prefix_ids: list[int]) -> None:
+    """Compute the prefix KV, store it in every attention module and shift real tokens to positions P.."""
+    if not prefix_ids:
+        raise ValueError("empty prefix")
+    remove_prefix(model, attns)
+    kv = build_prefix_kv(model, attns, prefix_ids)
+    for a, (k, v) in zip(attns, kv):
+        a.set_prefix(k, v)
+    owner, name = rotary_owner(model)
+    setattr(owner, name, PrefixPositions(getattr(owner, name), len(prefix_ids)))
+    model.pq_ao_prefix_ids = list(prefix_ids)
+    model._pq_ao_bos_guard = model.register_forward_pre_hook(_bos_guard(prefix_ids[-1]), with_kwargs=True)
+
+
+def _tracing() -> bool:
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or exporting()
+
+
+def _bos_guard(separator_id: int):
+    """Forward pre-hook: the prefix already ends with BOS; a second one at the start of the input would become a
+    massive-activation outlier again and break the static scales (PrefixQuant issue #16). Rejected, not stripped, so
+    logits always align with the caller's tokens."""
+
+    def hook(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        past = kwargs.get("past_key_values")
+        if ids is None or _tracing() or (past is not None and past.get_seq_length() > 0):
+            return None
+        mask = kwargs.get("attention_mask")
+        first = ids[:, 0] if mask is None else ids.gather(1, mask.long().argmax(-1, keepdim=True)).squeeze(1)
+        if bool((first == separator_id).any()):
+            raise ValueError(
+                f"input starts with token {separator_id} (BOS / separator), which the PrefixQuant prefix already "
+                "ends with: tokenize with add_special_tokens=False (or drop the leading BOS)"
+            )
+        return None
+
+    return hook
+
+
+def remove_prefix(model: nn.Module, attns: list[PrefixAttention]) -> None:
+    guard = getattr(model, "_pq_ao_bos_guard", None)
+    if guard is not None:
+        guard.remove()
+        model._pq_ao_bos_guard = None
+    for a in attns:
+        a.set_prefix(None, None)
+    owner, name = rotary_owner(model)
+    rotary = getattr(owner, name)
+    if isinstance(rotary, PrefixPositions):
+        setattr(owner, name, rotary.rotary)
+    model.pq_ao_prefix_ids = []
