@@ -10,6 +10,8 @@ Anything else (LayerNorm, post-norms, fused QKV, a gate on the attention output,
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
@@ -55,19 +57,21 @@ _ADD = _ops("add.Tensor")
 
 @dataclass(frozen=True)
 class BlockStructure:
-    """Module names relative to a decoder block, as found in its graph."""
+    """One decoder block: its qualified name, and module names relative to it, as found in its graph."""
 
+    block: str  # qualified name of the block ("model.layers.3")
     attn_norm: str
     q_proj: str
     k_proj: str
     v_proj: str
-    attention: str  # the module whose forward holds the attention core (R3 and the prefix live here)
+    attn: str  # the module whose forward holds the attention core (R3 and the prefix live here)
     attention_op: str  # "sdpa" or "eager"
     q_norm: str | None  # a module on the q path between q_proj and attention (Qwen3 per-head RMSNorm)
     k_norm: str | None
     o_proj: str
     mlp_norm: str
-    mlp_in: tuple[str, ...]  # linears reading mlp_norm (gate, up)
+    mlp: str  # the module holding the MLP linears: mlp(mlp_norm output) is down_proj's output
+    mlp_inputs: tuple[str, ...]  # linears reading mlp_norm (gate, up)
     down_proj: str
     head_dim: int
     n_heads: int
@@ -80,7 +84,7 @@ class BlockStructure:
     @property
     def norm_readers(self) -> dict[str, tuple[str, ...]]:
         """norm -> the linears reading its output (their input side folds the norm weight and takes R1)."""
-        return {self.attn_norm: self.qkv, self.mlp_norm: self.mlp_in}
+        return {self.attn_norm: self.qkv, self.mlp_norm: self.mlp_inputs}
 
     @property
     def residual_writers(self) -> tuple[str, str]:
@@ -89,32 +93,37 @@ class BlockStructure:
 
     @property
     def linears(self) -> tuple[str, ...]:
-        return (*self.qkv, self.o_proj, *self.mlp_in, self.down_proj)
+        return (*self.qkv, self.o_proj, *self.mlp_inputs, self.down_proj)
 
     def module_names(self) -> tuple[str, ...]:
         extra = tuple(n for n in (self.q_norm, self.k_norm) if n)
-        return (self.attn_norm, self.attention, self.mlp_norm, *self.linears, *extra)
+        return (self.attn_norm, self.attn, self.mlp_norm, self.mlp, *self.linears, *extra)
 
 
 @dataclass(frozen=True)
 class ModelStructure:
-    """Model-level names (qualified) plus the block structure shared by every block."""
+    """Model-level names (qualified) and one BlockStructure per block (the same relative names in each)."""
 
-    blocks: str
-    n_blocks: int
-    block: BlockStructure
+    layers: str  # the ModuleList of blocks
+    blocks: tuple[BlockStructure, ...]
     embed: str
     final_norm: str
     lm_head: str
     hidden_size: int
     tied: bool  # lm_head shared its weight with the embedding when discovered
 
-    def block_names(self, i: int) -> str:
-        return f"{self.blocks}.{i}"
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def block(self) -> BlockStructure:
+        """Block 0's structure; every block has the same relative names."""
+        return self.blocks[0]
 
     def get(self, model: nn.Module, i: int, name: str) -> nn.Module:
         """Module `name` (a BlockStructure name) of block i."""
-        return model.get_submodule(f"{self.blocks}.{i}.{name}")
+        return model.get_submodule(f"{self.blocks[i].block}.{name}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,8 +325,8 @@ def _check_o_path(g: _Graph, o_lin: Node, out: Node, n_heads: int, head_dim: int
         n = n.args[0]
 
 
-def analyze_block(ep: torch.export.ExportedProgram, block: nn.Module) -> BlockStructure:
-    """The BlockStructure of `block`, read from its exported graph `ep`."""
+def analyze_block(ep: torch.export.ExportedProgram, block: nn.Module, name: str = "") -> BlockStructure:
+    """The BlockStructure of `block` (qualified name `name`), read from its exported graph `ep`."""
     g = _Graph(ep)
     segments = _residual_segments(g, block)
     if len(segments) != 2:
@@ -366,18 +375,24 @@ def analyze_block(ep: torch.export.ExportedProgram, block: nn.Module) -> BlockSt
             raise StructureError(f"several modules on the {role} path: {sorted(mods)}")
         return mods.pop() if mods else None
 
+    mlp_names = [g.linear_name(n) for n in (*mlp_readers, down_lin)]
+    mlp = ".".join(os.path.commonprefix([n.split(".")[:-1] for n in mlp_names]))
+    if not mlp:
+        raise StructureError(f"the MLP linears {mlp_names} are not held by one module")
     return BlockStructure(
+        block=name,
         attn_norm=attn_norm,
         q_proj=g.linear_name(q_lin),
         k_proj=g.linear_name(k_lin),
         v_proj=g.linear_name(v_lin),
-        attention=attention,
+        attn=attention,
         attention_op=kind,
         q_norm=inner_module(q_nodes, "Q"),
         k_norm=inner_module(k_nodes, "K"),
         o_proj=g.linear_name(o_lin),
         mlp_norm=mlp_norm,
-        mlp_in=tuple(g.linear_name(n) for n in mlp_readers),
+        mlp=mlp,
+        mlp_inputs=tuple(mlp_names[:-1]),
         down_proj=g.linear_name(down_lin),
         head_dim=head_dim,
         n_heads=n_heads,
@@ -418,7 +433,7 @@ def discover(model: nn.Module, input_ids: torch.Tensor | None = None) -> ModelSt
     embedding -> blocks -> final norm -> lm_head chain from one traced forward."""
     trace = trace_model(model, input_ids)
     layers = model.get_submodule(trace.blocks)
-    block = analyze_block(capture_block(model, trace), layers[0])
+    block = analyze_block(capture_block(model, trace), layers[0], f"{trace.blocks}.0")
     verify_blocks(model, trace.blocks, block)
 
     embed = _name_of(model, model.get_input_embeddings(), "input embedding")
@@ -441,12 +456,14 @@ def discover(model: nn.Module, input_ids: torch.Tensor | None = None) -> ModelSt
     if not isinstance(head, nn.Linear) or head.in_features != hidden:
         raise StructureError(f"lm_head '{lm_head}' is {type(head).__name__}, expected nn.Linear from {hidden} features")
     return ModelStructure(
-        blocks=trace.blocks,
-        n_blocks=len(layers),
-        block=block,
+        layers=trace.blocks,
+        blocks=tuple(dataclasses.replace(block, block=f"{trace.blocks}.{i}") for i in range(len(layers))),
         embed=embed,
         final_norm=final_norm,
         lm_head=lm_head,
         hidden_size=hidden,
         tied=head.weight is emb.weight,
     )
+
+
+find_structure = discover
