@@ -1,0 +1,126 @@
+"""The `pq_ao::` operators: `torch.library.triton_op`s whose body picks the implementation by device.
+
+CUDA -> the launcher of the same name in `pq_ao.kernels.triton` (same signature as the reference; it calls
+`wrap_triton`), falling back to the reference when that module or function is missing; anything else -> the
+plain-torch reference (`pq_ao.kernels.reference`).
+
+Why `triton_op` for both: eager calls the body directly; `torch.compile` decomposes the op into its body (inductor
+inlines the aten ops of the reference on CPU, or compiles the wrapped Triton kernels on CUDA); `torch.export`
+keeps `torch.ops.pq_ao.*` nodes in the graph; AOTInductor decomposes them again, so a .pt2 package holds only aten
+ops and compiled kernels and loads without importing pq_ao.
+
+The launchers are looked up once, at import, and bound to module globals that the op bodies call by name:
+`triton_op` reads the body's source to find the Triton kernels it launches (AOTAutograd's cache key includes
+their source), and it can only follow plain-name calls.
+"""
+
+import importlib
+from typing import Callable, Optional
+
+import torch
+
+from pq_ao.kernels import reference
+
+__all__ = ["hadamard_transform", "quantize_static", "hadamard_quantize_static", "quantize_dynamic", "int_linear"]
+
+
+def _launcher(name: str) -> Optional[Callable]:
+    try:
+        module = importlib.import_module("pq_ao.kernels.triton")
+    except ImportError:  # no triton installed, or no kernels yet
+        return None
+    return getattr(module, name, None)
+
+
+_triton_hadamard_transform = _launcher("hadamard_transform")
+_triton_quantize_static = _launcher("quantize_static")
+_triton_hadamard_quantize_static = _launcher("hadamard_quantize_static")
+_triton_quantize_dynamic = _launcher("quantize_dynamic")
+_triton_int_linear = _launcher("int_linear")
+
+
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+@torch.library.triton_op("pq_ao::hadamard_transform", mutates_args=())
+def hadamard_transform(x: torch.Tensor, had_k: torch.Tensor) -> torch.Tensor:
+    if _on_cuda(x) and _triton_hadamard_transform is not None:
+        return _triton_hadamard_transform(x, had_k)
+    return reference.hadamard_transform(x, had_k)
+
+
+@torch.library.triton_op("pq_ao::quantize_static", mutates_args=())
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    if _on_cuda(x) and _triton_quantize_static is not None:
+        return _triton_quantize_static(x, scale, bits)
+    return reference.quantize_static(x, scale, bits)
+
+
+@torch.library.triton_op("pq_ao::hadamard_quantize_static", mutates_args=())
+def hadamard_quantize_static(x: torch.Tensor, had_k: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    if _on_cuda(x) and _triton_hadamard_quantize_static is not None:
+        return _triton_hadamard_quantize_static(x, had_k, scale, bits)
+    return reference.hadamard_quantize_static(x, had_k, scale, bits)
+
+
+@torch.library.triton_op("pq_ao::quantize_dynamic", mutates_args=())
+def quantize_dynamic(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if _on_cuda(x) and _triton_quantize_dynamic is not None:
+        return _triton_quantize_dynamic(x, bits)
+    return reference.quantize_dynamic(x, bits)
+
+
+@torch.library.triton_op("pq_ao::int_linear", mutates_args=())
+def int_linear(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    a_bits: int,
+    w_bits: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    if _on_cuda(xq) and _triton_int_linear is not None:
+        return _triton_int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
+    return reference.int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd: the exact derivative where there is one, so that running a quantized model with grad mode on (and
+# under torch.compile, which traces the backward) works. The Hadamard is linear (its adjoint is the transform by
+# had_k.T); rounding has zero derivative (like torch.round), so the quantizers pass no gradient to x (a straight-
+# through estimator is `quant_math.fake_quantize(..., ste=True)`); int_linear is differentiable in bias only.
+
+
+def _no_grads(ctx, *grads):
+    return (None,) * ctx.num_inputs
+
+
+def _save_num_inputs(ctx, inputs, output):
+    ctx.num_inputs = len(inputs)
+
+
+def _hadamard_setup(ctx, inputs, output):
+    ctx.had_k = inputs[1]
+
+
+def _hadamard_backward(ctx, grad):
+    return hadamard_transform(grad, ctx.had_k.T.contiguous()), None
+
+
+def _int_linear_setup(ctx, inputs, output):
+    bias = inputs[4]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _int_linear_backward(ctx, grad):
+    d_bias = grad.float().sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[4] else None
+    return None, None, None, None, d_bias, None, None, None
+
+
+hadamard_transform.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
+int_linear.register_autograd(_int_linear_backward, setup_context=_int_linear_setup)
+for _op in (quantize_static, hadamard_quantize_static, quantize_dynamic):
+    _op.register_autograd(_no_grads, setup_context=_save_num_inputs)

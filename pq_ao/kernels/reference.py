@@ -1,0 +1,210 @@
+"""Plain-torch references of the `pq_ao::` ops: the CPU implementation and the oracle for the Triton kernels.
+
+Every function is make_fx/fake-tensor traceable (no data-dependent control flow), because `torch.library.triton_op`
+also uses the op body as its fake kernel and inductor inlines it on CPU.
+
+Shapes (K is the logical reduction size; int4 operands are packed, `[..., K // 2]` uint8):
+
+    hadamard_transform(x [..., n], had_k [K, K])              -> [..., n], x.dtype
+    quantize_static(x [..., K], scale [1], bits)               -> int8 [..., K] | uint8 [..., K // 2]
+    hadamard_quantize_static(x, had_k, scale [1], bits)        -> as quantize_static (transform kept in fp32)
+    quantize_dynamic(x [..., K], bits)                         -> (q as above, scale [..., 1] fp32)
+    int_linear(xq [M, K'], x_scale [1] | [M, 1], wq [N, K''], w_scale [N], bias [N] | None,
+               a_bits, w_bits, out_dtype)                      -> [M, N] out_dtype
+
+`int_linear` is exact: `acc = xq @ wq.T` in integers, then `acc.float() * x_scale * w_scale + bias.float()` in
+fp32 (left to right), cast to out_dtype. See `_exact_matmul` for how the integer product is computed fast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pq_ao import hadamard, quant_math
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_float(x: torch.Tensor, name: str) -> None:
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor ({', '.join(map(str, _FLOATS))}), got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have at least one dim, got a 0-d tensor")
+
+
+def _check_scale(scale: torch.Tensor, name: str, shapes: tuple[tuple[int, ...], ...]) -> None:
+    if scale.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {scale.dtype}")
+    if tuple(scale.shape) not in shapes:
+        want = " or ".join(str(list(s)) for s in shapes)
+        got = "a 0-d tensor (AOTInductor rejects 0-d tensor kernel args)" if scale.dim() == 0 else list(scale.shape)
+        raise ValueError(f"{name} must have shape {want}, got {got}")
+
+
+def _check_had_k(had_k: torch.Tensor, n: int) -> None:
+    if had_k.dim() != 2 or had_k.shape[0] != had_k.shape[1]:
+        raise ValueError(f"had_k must be a square K x K matrix, got shape {tuple(had_k.shape)}")
+    if not had_k.is_floating_point():
+        raise TypeError(f"had_k must be floating point, got {had_k.dtype}")
+    k = had_k.shape[0]
+    if n % k or not hadamard.is_pow2(n // k):
+        raise ValueError(f"last dim {n} is not K * 2**m for K = {k} (had_k is {k} x {k})")
+
+
+def _check_even(k: int, bits: int, what: str) -> None:
+    if bits == 4 and k % 2:
+        raise ValueError(f"int4 packing needs an even {what}, got {k}")
+
+
+def _check_qdata(q: torch.Tensor, bits: int, name: str) -> None:
+    quant_math.check_bits(bits)
+    want = torch.uint8 if bits == 4 else torch.int8
+    if q.dtype != want:
+        kind = "packed int4 (uint8, two per byte)" if bits == 4 else "int8"
+        raise TypeError(f"{name} with {bits} bits must be {kind}, got {q.dtype}")
+    if q.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(q.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hadamard and activation quantization
+
+
+def hadamard_transform(x: torch.Tensor, had_k: torch.Tensor) -> torch.Tensor:
+    """Orthonormal online Hadamard over the last dim: `x @ (had_k (kron) H_{2^m}).T / sqrt(n)`, in x.dtype.
+    `had_k` is the K x K +-1 factor (a [1, 1] ones tensor for powers of 2). bf16/fp16 are computed in fp32."""
+    _check_float(x, "x")
+    _check_had_k(had_k, x.shape[-1])
+    return hadamard.hadamard_transform(x, had_k)
+
+
+def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    return quant_math.pack_int4(q) if bits == 4 else q
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Static per-tensor quantization with a `[1]` fp32 scale; int8 `[..., K]` or packed uint8 `[..., K // 2]`."""
+    quant_math.check_bits(bits)
+    _check_float(x, "x")
+    _check_scale(scale, "scale", ((1,),))
+    _check_even(x.shape[-1], bits, "last dim")
+    return _pack(quant_math.quantize(x, scale, bits), bits)
+
+
+def hadamard_quantize_static(x: torch.Tensor, had_k: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """`quantize_static(hadamard_transform(x, had_k), scale, bits)` with the transform output kept in fp32 (as a
+    fused kernel does), so for bf16 x it can differ from the unfused pair at rounding ties of the bf16 cast."""
+    quant_math.check_bits(bits)
+    _check_float(x, "x")
+    _check_had_k(had_k, x.shape[-1])
+    _check_scale(scale, "scale", ((1,),))
+    _check_even(x.shape[-1], bits, "last dim")
+    y = hadamard.hadamard_transform(x.float(), had_k)
+    return _pack(quant_math.quantize(y, scale, bits), bits)
+
+
+def quantize_dynamic(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token quantization: `scale = per_token_scale(x)` `[..., 1]` fp32, q as in quantize_static."""
+    quant_math.check_bits(bits)
+    _check_float(x, "x")
+    _check_even(x.shape[-1], bits, "last dim")
+    scale = quant_math.per_token_scale(x, bits)
+    return _pack(quant_math.quantize(x, scale, bits), bits), scale
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integer linear
+
+
+def _unpack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    return quant_math.unpack_int4(q) if bits == 4 else q
+
+
+def _max_abs_product_log2(a_bits: int, w_bits: int) -> int:
+    # |xq * wq| <= 2**(a-1) * 2**(w-1) (qmin * qmin is the largest product)
+    return a_bits + w_bits - 2
+
+
+def _cpu_fp32_matmul_is_ieee() -> bool:
+    """Whether CPU fp32 matmuls run in full fp32 (not bf16/tf32 internally); unknown settings count as no."""
+    try:
+        for p in (
+            torch.backends.mkldnn.matmul.fp32_precision,
+            torch.backends.mkldnn.fp32_precision,
+            torch.backends.fp32_precision,
+        ):
+            if p != "none":
+                return p == "ieee"
+        return torch.get_float32_matmul_precision() == "highest"
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _exact_matmul(x: torch.Tensor, w: torch.Tensor, a_bits: int, w_bits: int) -> torch.Tensor:
+    """`x @ w.T` of int8 grid values, exactly, as a float tensor holding the integer result (fp32 when the result
+    fits in 2**24, else fp64).
+
+    Why it is exact: every product is an integer with |p| <= 2**(a+w-2), so every partial sum of a length-k dot
+    product, in any order and with or without FMA, is an integer of magnitude <= k * 2**(a+w-2). When that is
+    <= 2**24 (fp32) every addition is exact. So on CPU with IEEE fp32 matmuls: one fp32 GEMM when
+    K <= 2**(26-a-w) (W4A4: K <= 262144; W4A8: 16384), else fp32 GEMMs over K-chunks of that size, each exact,
+    summed in int32 (W8A8: chunks of 1024). Elsewhere (CUDA, or reduced-precision fp32 matmul settings) one fp64
+    GEMM (exact up to 2**53). `torch._int_mm` is exact too but 20-40x slower than these on CPU.
+    """
+    k = x.shape[-1]
+    chunk = 1 << (24 - _max_abs_product_log2(a_bits, w_bits))
+    if x.device.type != "cpu" or not _cpu_fp32_matmul_is_ieee():
+        return x.double() @ w.double().T
+    xf, wf = x.float(), w.float()
+    if k <= chunk:
+        return xf @ wf.T
+    acc = None
+    for k0 in range(0, k, chunk):
+        part = (xf[:, k0 : k0 + chunk] @ wf[:, k0 : k0 + chunk].T).to(torch.int32)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def int_linear(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_bits: int,
+    w_bits: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`(xq @ wq.T).float() * x_scale * w_scale + bias` -> out_dtype, the integer product exact (see module doc).
+
+    xq: int8 `[M, K]` (a_bits 8) or packed uint8 `[M, K // 2]` (a_bits 4); x_scale fp32 `[1]` (static per-tensor)
+    or `[M, 1]` (dynamic per-token). wq: int8 `[N, K]` or packed uint8 `[N, K // 2]`; w_scale fp32 `[N]`.
+    bias: `[N]` of any float dtype (added in fp32) or None.
+    """
+    _check_qdata(xq, a_bits, "xq")
+    _check_qdata(wq, w_bits, "wq")
+    m, n = xq.shape[0], wq.shape[0]
+    k = xq.shape[1] * (2 if a_bits == 4 else 1)
+    kw = wq.shape[1] * (2 if w_bits == 4 else 1)
+    if k != kw:
+        raise ValueError(f"reduction sizes differ: xq holds K = {k} ({list(xq.shape)}, {a_bits} bits), "
+                         f"wq holds K = {kw} ({list(wq.shape)}, {w_bits} bits)")
+    if k << _max_abs_product_log2(a_bits, w_bits) >= 2**31:
+        raise ValueError(f"K = {k} can overflow the int32 accumulator for W{w_bits}A{a_bits}")
+    _check_scale(x_scale, "x_scale", ((1,), (m, 1)))
+    _check_scale(w_scale, "w_scale", ((n,),))
+    if bias is not None:
+        _check_float(bias, "bias")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape [{n}], got {list(bias.shape)}")
+    if out_dtype not in _FLOATS:
+        raise TypeError(f"out_dtype must be a float dtype, got {out_dtype}")
+    acc = _exact_matmul(_unpack(xq, a_bits), _unpack(wq, w_bits), a_bits, w_bits)
+    y = acc.float() * x_scale * w_scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
