@@ -1,0 +1,18 @@
+"""Triton kernels (CUDA) for the `pq_ao::` ops; each launcher has the signature of its plain-torch reference in
+`pq_ao.kernels.reference` and launches through `torch.library.wrap_triton`, so torch.compile, torch.export and
+AOTInductor trace the kernels into their artifacts. Design and measurements: docs/kernels.md."""
+
+from .gemm import GemmConfig, int_linear, int_linear_with_config, pick_config
+from .hadamard import hadamard_quantize_static, hadamard_transform
+from .quant import quantize_dynamic, quantize_static
+
+__all__ = [
+    "hadamard_transform",
+    "quantize_static",
+    "hadamard_quantize_static",
+    "quantize_dynamic",
+    "int_linear",
+    "int_linear_with_config",
+    "pick_config",
+    "GemmConfig",
+]

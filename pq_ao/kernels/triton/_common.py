@@ -1,0 +1,82 @@
+"""Triton building blocks shared by the pq_ao kernels: the quantization grid and int4 (un)packing.
+
+Numeric contract (docs/architecture.md): `q = clamp(round_half_even(x / s), qmin, qmax)` with the division done in
+fp32, correctly rounded (`div_rn`, not Triton's default approximate `/`). Round-half-even is the fp32 magic-number
+trick: for |v| < 2**22, `(v + 1.5 * 2**23) - 1.5 * 2**23` is `v` rounded to the nearest integer, ties to even (the
+add is IEEE round-to-nearest-even; nothing can fuse it). Clamping first (to integers) and rounding second gives the
+same result as rounding then clamping, and keeps |v| small. (libdevice `rint` would do too, but the CPU interpreter
+does not run libdevice.)
+
+int4 packing: element 2i in the low nibble, 2i+1 in the high nibble, two's complement, uint8.
+
+Unpacking for the tensor cores uses the "times 16" form, one bitwise op per value:
+  `(p << 4)` reinterpreted as int8 is `16 * lo`, and `(p & 0xF0)` as int8 is `16 * hi`,
+so an int8 dot of unpacked operands accumulates 16x (one packed operand) or 256x (both) the true sum, exactly, in
+int32; the epilogue shifts it back (`acc >> 4` / `acc >> 8`, exact because the sum is a multiple). Overflow bound:
+256 * K * 8 * 8 < 2**31 for K < 131072 (W4A4); 16 * K * 8 * 128 < 2**31 for K < 131072 (W4A8).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_RNE_MAGIC = 12582912.0  # 1.5 * 2**23
+
+
+@triton.jit
+def quantize_values(v, scale, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """fp32 values -> int32 grid values: clamp(rint(v / scale), QMIN, QMAX), division correctly rounded."""
+    q = tl.math.div_rn(v, scale)
+    q = tl.minimum(tl.maximum(q, QMIN), QMAX)
+    q = (q + 12582912.0) - 12582912.0
+    return q.to(tl.int32)
+
+
+@triton.jit
+def pack_int4(q):
+    """[R, C] int32 in [-8, 7] (C even) -> [R, C // 2] uint8, element 2i in the low nibble."""
+    lo, hi = tl.split(tl.reshape(q, (q.shape[0], q.shape[1] // 2, 2)))
+    return ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
+
+
+@triton.jit
+def unpack_int4_x16(p):
+    """uint8 packed nibbles -> (16 * low, 16 * high) as int8 tensors of the same shape."""
+    lo = (p << 4).to(tl.int8, bitcast=True)
+    hi = (p & 0xF0).to(tl.int8, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def cast_out(y, dtype: tl.constexpr, INTERP: tl.constexpr):
+    """fp32 -> dtype, round to nearest even. The CPU interpreter truncates fp32 -> bf16, so there the rounding is
+    done on the bits first (finite values); on the GPU this is the plain conversion (cvt.rn)."""
+    if INTERP and dtype == tl.bfloat16:
+        bits = y.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return y.to(dtype)
+
+
+# Whether this module's kernels were decorated in interpreter mode (TRITON_INTERPRET=1 at import time; that is
+# what `triton.jit` looks at, so the launchers ask this rather than the environment of the moment).
+_INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+def interpreting() -> bool:
+    return _INTERPRETED
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+__all__ = ["cast_out", "interpreting", "quantize_values", "pack_int4", "unpack_int4_x16", "qrange", "next_pow2", "triton"]

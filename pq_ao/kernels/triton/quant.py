@@ -1,0 +1,141 @@
+"""Activation quantization kernels: static per-tensor (`quantize_static`) and dynamic per-token (`quantize_dynamic`).
+
+Both are memory-bound: one read of the bf16/fp16/fp32 input, one write of int8 or packed int4. Static quantization
+needs no reduction, so each program handles an independent [BLOCK_M, BLOCK_K] tile; dynamic quantization reads each
+row twice (absmax, then quantize; the second read mostly hits L2).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pq_ao import quant_math
+
+from ._common import next_pow2, pack_int4, qrange, quantize_values
+
+
+@triton.jit
+def _quantize_static_kernel(
+    x_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride_om,
+    BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    rows = offs_m.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr)
+    q = quantize_values(x, scale, QMIN, QMAX)
+    if BITS == 4:
+        offs_p = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        pmask = (offs_m[:, None] < M) & (offs_p[None, :] < K // 2)
+        tl.store(out_ptr + rows * stride_om + offs_p[None, :], pack_int4(q), mask=pmask)
+    else:
+        tl.store(out_ptr + rows * stride_om + offs_k[None, :], q.to(tl.int8), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def _check_scale(scale: torch.Tensor, what: str) -> None:
+    if scale.dim() == 0:
+        raise ValueError(f"{what} must have shape [1] (0-d tensors break AOTInductor), got a 0-d tensor")
+
+
+def _static_blocks(K: int, bits: int) -> tuple[int, int]:
+    block_k = max(16, min(next_pow2(K), 1024))
+    block_m = max(1, 4096 // block_k)
+    return block_m, block_k
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Static per-tensor quantization. x [..., K] float; scale [1] fp32.
+
+    Returns int8 [..., K] (bits=8) or packed int4 uint8 [..., K // 2] (bits=4)."""
+    qmin, qmax = qrange(bits)
+    _check_scale(scale, "scale")
+    K = x.shape[-1]
+    if bits == 4 and K % 2:
+        raise ValueError(f"int4 packing needs an even last dim, got {K}")
+    x2 = _rows(x)
+    M = x2.shape[0]
+    if bits == 4:
+        out = torch.empty((M, K // 2), dtype=torch.uint8, device=x.device)
+    else:
+        out = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    block_m, block_k = _static_blocks(K, bits)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
+    torch.library.wrap_triton(_quantize_static_kernel)[grid](
+        x2, scale, out, M, K, x2.stride(0), out.stride(0),
+        BITS=bits, QMIN=qmin, QMAX=qmax, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+    )
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Dynamic per-token quantization (QuaRot-style baseline): s = quant_math.per_token_scale(x, bits), per row
+
+
+
+@triton.jit
+def _quantize_dynamic_kernel(
+    x_ptr, out_ptr, scale_ptr, M, K, stride_xm, stride_om,
+    BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < M
+    rows = offs_m.to(tl.int64)[:, None]
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mmask[:, None] & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    # s = 2 * max(absmax, eps) / (2**b - 1): the min-max grid of docs/architecture.md, per row
+    scale = tl.math.div_rn(tl.maximum(amax, EPS) * 2.0, QMAX - QMIN + 0.0)
+    tl.store(scale_ptr + offs_m, scale, mask=mmask)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mmask[:, None] & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        q = quantize_values(x, scale[:, None], QMIN, QMAX)
+        if BITS == 4:
+            offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            pmask = mmask[:, None] & (offs_p[None, :] < K // 2)
+            tl.store(out_ptr + rows * stride_om + offs_p[None, :], pack_int4(q), mask=pmask)
+        else:
+            tl.store(out_ptr + rows * stride_om + offs_k[None, :], q.to(tl.int8), mask=mask)
+
+
+def quantize_dynamic(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token quantization. x [..., K] float -> (q, scale [..., 1] fp32), q as in `quantize_static`."""
+    qmin, qmax = qrange(bits)
+    K = x.shape[-1]
+    if bits == 4 and K % 2:
+        raise ValueError(f"int4 packing needs an even last dim, got {K}")
+    x2 = _rows(x)
+    M = x2.shape[0]
+    if bits == 4:
+        out = torch.empty((M, K // 2), dtype=torch.uint8, device=x.device)
+    else:
+        out = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    block_k = max(16, min(next_pow2(K), 2048))
+    block_m = max(1, min(4, 4096 // block_k))
+    grid = (triton.cdiv(M, block_m),)
+    torch.library.wrap_triton(_quantize_dynamic_kernel)[grid](
+        x2, out, scale, M, K, x2.stride(0), out.stride(0),
+        BITS=bits, QMIN=qmin, QMAX=qmax, EPS=quant_math.ABSMAX_EPS, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+    )
+    return out.reshape(*x.shape[:-1], out.shape[-1]), scale.reshape(*x.shape[:-1], 1)

@@ -1,0 +1,94 @@
+"""Triton online Hadamard (alone and fused with static quantization) against the references.
+
+The transform sums in a different order than the reference (tensor-core dots over bf16 hi/lo splits), so it
+matches to about fp32 precision, not bit for bit; the fused quantizer may therefore flip a value by one step where
+the exact transform lies on a rounding boundary, and nowhere else."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pq_triton_testutil import DEVICES, assert_boundary_flips_only, poison
+
+from pq_ao import hadamard, quant_math
+from pq_ao.kernels import reference
+from pq_ao.kernels import triton as tk
+
+# (rows, n): powers of 2 (R3 head dims, hidden sizes), K * 2^m with Paley/Williamson K, a K with no +-1 matrix
+# (orthogonal fallback factor, 7), and sizes the kernel hands to plain torch (2^m part < 16)
+CPU_CASES = [(5, 64), (40, 128), (3, 256), (2, 4096), (3, 576), (3, 1536), (2, 14336), (3, 7 * 32), (2, 28 * 8)]
+GPU_CASES = [(4096, 64), (8192, 128), (333, 256), (2048, 4096), (1000, 576), (1000, 1536), (2048, 14336),
+             (64, 7 * 32), (9, 28 * 8), (1, 14336), (3, 4096)]
+
+
+def _exact(x, had_k):
+    """fp64 transform on the CPU."""
+    return hadamard.hadamard_transform(x.double().cpu(), had_k.double())
+
+
+def _cases(device):
+    return CPU_CASES if device == "cpu" else GPU_CASES
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_hadamard_transform(device, dtype):
+    gen = torch.Generator().manual_seed(5)
+    for rows, n in _cases(device):
+        _, had_k = hadamard.hadamard_factor(n)
+        x = (torch.randn(rows, n, generator=gen) * 2).to(dtype).to(device)
+        hk = had_k.float().to(device)
+        poison(device, x.numel() * x.element_size())
+        y = tk.hadamard_transform(x, hk)
+        assert y.dtype == dtype and y.shape == x.shape
+        exact = _exact(x, had_k)
+        if dtype == torch.float32:
+            err = ((y.double().cpu() - exact).norm() / exact.norm()).item()
+            assert err < 2e-5, (n, err)
+        else:
+            # within one rounding of the exact value, up to fp32-level absolute error (sums of n terms: values near
+            # zero carry the cancellation error of their row)
+            ulp = torch.finfo(dtype).eps
+            bad = (y.double().cpu() - exact).abs() > ulp * exact.abs() + 1e-5 * exact.abs().max()
+            assert not bad.any(), (n, int(bad.sum()))
+            ref = reference.hadamard_transform(x, hk)
+            # the kernel is accurate to about 2**-17 relative (bf16 hi/lo splits): a few one-ulp differences from
+            # the fp32 reference in bf16, more in fp16 (ulp 2**-11)
+            assert (y != ref).float().mean() < (0.01 if dtype == torch.bfloat16 else 0.05), n
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hadamard_quantize_static(device, bits, dtype):
+    gen = torch.Generator().manual_seed(6 + bits)
+    qmax = quant_math.qrange(bits)[1]
+    for rows, n in _cases(device):
+        _, had_k = hadamard.hadamard_factor(n)
+        x = (torch.randn(rows, n, generator=gen) * 2).to(dtype).to(device)
+        hk = had_k.float().to(device)
+        exact = _exact(x, had_k)
+        scale = torch.tensor([float(exact.abs().max()) * 0.8 / (qmax + 0.5)], dtype=torch.float32, device=device)
+        want = reference.hadamard_quantize_static(x, hk, scale, bits)
+        poison(device, want.numel())
+        got = tk.hadamard_quantize_static(x, hk, scale, bits)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        unpack = quant_math.unpack_int4 if bits == 4 else (lambda t: t)
+        assert_boundary_flips_only(unpack(got).cpu(), unpack(want).cpu(), exact / float(scale), f"n={n} {dtype}")
+
+
+def test_hadamard_sylvester_order_and_scale():
+    """H_n x for a one-hot x is column j of H_n / sqrt(n): checks the Sylvester ordering and the had_k side."""
+    from pq_ao.kernels.triton._common import interpreting
+
+    device = "cpu" if interpreting() else ("cuda" if torch.cuda.is_available() else None)
+    if device is None:
+        pytest.skip("kernels are compiled for CUDA here")
+    n = 12 * 128
+    _, had_k = hadamard.hadamard_factor(n)
+    h = torch.kron(had_k, hadamard.sylvester(n // 12)) / math.sqrt(n)
+    eye = torch.eye(n, dtype=torch.float32)[[0, 1, 200, n - 1]]
+    y = tk.hadamard_transform(eye.to(device), had_k.float().to(device)).double().cpu()
+    assert torch.allclose(y, h[:, [0, 1, 200, n - 1]].T, atol=1e-6)

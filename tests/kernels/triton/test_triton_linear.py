@@ -1,0 +1,100 @@
+"""Triton integer linear == reference: the int32 accumulation exactly, the epilogue within one rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pq_triton_testutil import DEVICES, assert_one_rounding, poison
+
+from pq_ao import quant_math
+from pq_ao.kernels import reference
+from pq_ao.kernels import triton as tk
+from pq_ao.kernels.triton.gemm import GemmConfig, int_linear_with_config
+
+BITS = [(4, 4), (8, 4), (8, 8), (4, 8)]  # (a_bits, w_bits)
+
+# (M, N, K): K and N off the block sizes, M from 1 up
+CPU_SHAPES = [(1, 24, 70), (3, 40, 200), (17, 33, 1030), (40, 64, 256)]
+GPU_SHAPES = [(m, n, k) for (n, k) in [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (1000, 1030)]
+              for m in (1, 3, 16, 17, 64, 130, 2048, 8192)] + [(m, 40, 70) for m in (1, 9, 300)]
+
+# configurations that the heuristic may not pick on small shapes: split-K, interleaved W4A4, even K, tiny tiles
+CPU_CONFIGS = [
+    GemmConfig(16, 16, 64, num_warps=4, num_stages=2, split_k=3),
+    GemmConfig(32, 16, 128, num_warps=4, num_stages=2, split_nibbles=False),
+    GemmConfig(16, 32, 32, num_warps=4, num_stages=2, group_m=2),
+]
+GPU_CONFIGS = [
+    GemmConfig(16, 64, 512, num_warps=4, num_stages=4, split_k=4),
+    GemmConfig(128, 128, 128, num_warps=8, num_stages=3, split_nibbles=False),
+    GemmConfig(64, 64, 64, num_warps=4, num_stages=2, group_m=4),
+]
+
+
+def _operand(rows, k, bits, device, gen):
+    qmin, qmax = quant_math.qrange(bits)
+    q = torch.randint(qmin, qmax + 1, (rows, k), generator=gen, dtype=torch.int8)
+    return (quant_math.pack_int4(q) if bits == 4 else q).to(device)
+
+
+def _check(m, n, k, a_bits, w_bits, device, gen, cfg=None, what="", all_epilogues=True):
+    xq = _operand(m, k, a_bits, device, gen)
+    wq = _operand(n, k, w_bits, device, gen)
+    run = (lambda *a: int_linear_with_config(*a, cfg)) if cfg is not None else tk.int_linear
+    # 1) the integer result, exactly: unit scales, fp32 output (|acc| < 2**24 here)
+    ones_x = torch.ones(1, device=device)
+    ones_w = torch.ones(n, device=device)
+    want = reference.int_linear(xq, ones_x, wq, ones_w, None, a_bits, w_bits, torch.float32)
+    poison(device, m * n * 4)
+    got = run(xq, ones_x, wq, ones_w, None, a_bits, w_bits, torch.float32)
+    assert torch.equal(got, want), f"{what}: integer results differ in {int((got != want).sum())} of {got.numel()}"
+    # 2) per-tensor and per-token scales, bias, bf16 / fp16 / fp32 output: within one rounding
+    w_scale = (torch.rand(n, generator=gen) * 0.01 + 1e-3).to(device)
+    bias = torch.randn(n, generator=gen).to(device)
+    epilogues = [
+        (torch.rand(m, 1, generator=gen).to(device) * 0.1 + 0.01, bias, torch.bfloat16),
+        (torch.rand(1, generator=gen).to(device) * 0.1 + 0.01, None, torch.bfloat16),
+        (torch.rand(m, 1, generator=gen).to(device) * 0.1 + 0.01, bias.bfloat16(), torch.float16),
+        (torch.rand(1, generator=gen).to(device) * 0.1 + 0.01, bias, torch.float32),
+    ]
+    for x_scale, b, dtype in epilogues if all_epilogues else epilogues[:1]:
+        ref32 = reference.int_linear(xq, x_scale, wq, w_scale, b, a_bits, w_bits, torch.float32)
+        poison(device, m * n * dtype.itemsize)
+        y = run(xq, x_scale, wq, w_scale, b, a_bits, w_bits, dtype)
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert_one_rounding(y, ref32, f"{what} x_scale {list(x_scale.shape)} bias {b is not None} {dtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("a_bits,w_bits", BITS)
+def test_int_linear_matches_reference(device, a_bits, w_bits):
+    gen = torch.Generator().manual_seed(31 * a_bits + w_bits)
+    for m, n, k in CPU_SHAPES if device == "cpu" else GPU_SHAPES:
+        _check(m, n, k, a_bits, w_bits, device, gen, what=f"W{w_bits}A{a_bits} {m}x{n}x{k}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("a_bits,w_bits", BITS)
+def test_int_linear_configs(device, a_bits, w_bits):
+    """Split-K (atomic partial sums + last-program epilogue), interleaved W4A4, small tiles."""
+    gen = torch.Generator().manual_seed(7 * a_bits + w_bits)
+    shapes = [(5, 40, 300), (33, 17, 512)] if device == "cpu" else [(1, 1024, 4096), (7, 4096, 14336), (300, 1000, 1030)]
+    for cfg in CPU_CONFIGS if device == "cpu" else GPU_CONFIGS:
+        for m, n, k in shapes:
+            _check(m, n, k, a_bits, w_bits, device, gen, cfg, what=f"{cfg} W{w_bits}A{a_bits} {m}x{n}x{k}",
+                   all_epilogues=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int_linear_extreme_values(device):
+    """All operands at qmin (the largest products): still exact, no int32 overflow at K = 14336."""
+    k = 14336 if device == "cuda" else 2048
+    for a_bits, w_bits in BITS:
+        qa, qw = quant_math.qrange(a_bits)[0], quant_math.qrange(w_bits)[0]
+        xq = torch.full((2, k), qa, dtype=torch.int8)
+        wq = torch.full((16, k), qw, dtype=torch.int8)
+        xq = (quant_math.pack_int4(xq) if a_bits == 4 else xq).to(device)
+        wq = (quant_math.pack_int4(wq) if w_bits == 4 else wq).to(device)
+        one = torch.ones(1, device=device)
+        y = tk.int_linear(xq, one, wq, torch.ones(16, device=device), None, a_bits, w_bits, torch.float64)
+        assert torch.equal(y, torch.full_like(y, float(k * qa * qw))), (a_bits, w_bits)
