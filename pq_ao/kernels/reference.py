@@ -9,8 +9,8 @@ Shapes (K is the logical reduction size; int4 operands are packed, `[..., K // 2
     quantize_static(x [..., K], scale [1], bits)               -> int8 [..., K] | uint8 [..., K // 2]
     hadamard_quantize_static(x, had_k, scale [1], bits)        -> as quantize_static (transform kept in fp32)
     quantize_dynamic(x [..., K], bits)                         -> (q as above, scale [..., 1] fp32)
-    int_linear(xq [M, K'], x_scale [1] | [M, 1], wq [N, K''], w_scale [N], bias [N] | None,
-               a_bits, w_bits, out_dtype)                      -> [M, N] out_dtype
+    int_linear(xq [..., K'], x_scale [1] | [..., 1], wq [N, K''], w_scale [N], bias [N] | None,
+               a_bits, w_bits, out_dtype)                      -> [..., N] out_dtype
 
 `int_linear` is exact: `acc = xq @ wq.T` in integers, then `acc.float() * x_scale * w_scale + bias.float()` in
 fp32 (left to right), cast to out_dtype. See `_exact_matmul` for how the integer product is computed fast.
@@ -66,8 +66,8 @@ def _check_qdata(q: torch.Tensor, bits: int, name: str) -> None:
     if q.dtype != want:
         kind = "packed int4 (uint8, two per byte)" if bits == 4 else "int8"
         raise TypeError(f"{name} with {bits} bits must be {kind}, got {q.dtype}")
-    if q.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(q.shape)}")
+    if q.dim() < 1:
+        raise ValueError(f"{name} must have at least one dim, got a 0-d tensor")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,21 +181,23 @@ def int_linear(
 ) -> torch.Tensor:
     """`(xq @ wq.T).float() * x_scale * w_scale + bias` -> out_dtype, the integer product exact (see module doc).
 
-    xq: int8 `[M, K]` (a_bits 8) or packed uint8 `[M, K // 2]` (a_bits 4); x_scale fp32 `[1]` (static per-tensor)
-    or `[M, 1]` (dynamic per-token). wq: int8 `[N, K]` or packed uint8 `[N, K // 2]`; w_scale fp32 `[N]`.
-    bias: `[N]` of any float dtype (added in fp32) or None.
+    xq: int8 `[..., K]` (a_bits 8) or packed uint8 `[..., K // 2]` (a_bits 4); x_scale fp32 `[1]` (static
+    per-tensor) or `[..., 1]` (dynamic per-token, as quantize_dynamic returns it). wq: int8 `[N, K]` or packed
+    uint8 `[N, K // 2]`; w_scale fp32 `[N]`. bias: `[N]` of any float dtype (added in fp32) or None.
     """
     _check_qdata(xq, a_bits, "xq")
     _check_qdata(wq, w_bits, "wq")
-    m, n = xq.shape[0], wq.shape[0]
-    k = xq.shape[1] * (2 if a_bits == 4 else 1)
+    if wq.dim() != 2:
+        raise ValueError(f"wq must be 2-D [N, K'], got shape {tuple(wq.shape)}")
+    lead, n = tuple(xq.shape[:-1]), wq.shape[0]
+    k = xq.shape[-1] * (2 if a_bits == 4 else 1)
     kw = wq.shape[1] * (2 if w_bits == 4 else 1)
     if k != kw:
         raise ValueError(f"reduction sizes differ: xq holds K = {k} ({list(xq.shape)}, {a_bits} bits), "
                          f"wq holds K = {kw} ({list(wq.shape)}, {w_bits} bits)")
     if k << _max_abs_product_log2(a_bits, w_bits) >= 2**31:
         raise ValueError(f"K = {k} can overflow the int32 accumulator for W{w_bits}A{a_bits}")
-    _check_scale(x_scale, "x_scale", ((1,), (m, 1)))
+    _check_scale(x_scale, "x_scale", ((1,), (*lead, 1)))
     _check_scale(w_scale, "w_scale", ((n,),))
     if bias is not None:
         _check_float(bias, "bias")
@@ -203,8 +205,10 @@ def int_linear(
             raise ValueError(f"bias must have shape [{n}], got {list(bias.shape)}")
     if out_dtype not in _FLOATS:
         raise TypeError(f"out_dtype must be a float dtype, got {out_dtype}")
-    acc = _exact_matmul(_unpack(xq, a_bits), _unpack(wq, w_bits), a_bits, w_bits)
-    y = acc.float() * x_scale * w_scale
+    x2 = _unpack(xq.reshape(-1, xq.shape[-1]), a_bits)
+    acc = _exact_matmul(x2, _unpack(wq, w_bits), a_bits, w_bits)
+    y = acc.float() * x_scale.reshape(-1, 1) * w_scale
     if bias is not None:
         y = y + bias.float()
+    y = y.reshape(*lead, n)
     return y.to(out_dtype)
