@@ -103,9 +103,7 @@ def _irreducible(p: int, k: int) -> list[int]:
     """The first monic irreducible polynomial of degree k over GF(p) (no monic divisor of degree 1..k//2)."""
     for tail in itertools.product(range(p), repeat=k):
         f = [*tail, 1]
-        divisors = (
-            [*g, 1] for d in range(1, k // 2 + 1) for g in itertools.product(range(p), repeat=d)
-        )
+        divisors = ([*g, 1] for d in range(1, k // 2 + 1) for g in itertools.product(range(p), repeat=d))
         if all(any(_poly_rem(f, g, p)) for g in divisors):
             return f
     raise AssertionError(f"no irreducible polynomial of degree {k} over GF({p})")  # cannot happen

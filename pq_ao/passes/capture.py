@@ -33,7 +33,9 @@ class ModelTrace:
     block_kwargs: dict
     block_input: torch.Tensor  # hidden states entering block 0
     block_output: torch.Tensor  # hidden states leaving the last block
-    io: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = field(default_factory=dict)  # outside blocks
+    io: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = field(
+        default_factory=dict
+    )  # outside blocks
 
 
 def find_blocks(model: nn.Module) -> str:
@@ -123,16 +125,22 @@ def trace_model(model: nn.Module, input_ids: torch.Tensor | None = None) -> Mode
         for h in handles:
             h.remove()
     if "args" not in rec or rec["input"] is None:
-        raise StructureError(f"the forward of {type(model).__name__} never called {blocks_name}[0] with a tensor")
+        raise StructureError(
+            f"the forward of {type(model).__name__} never called {blocks_name}[0] with a tensor"
+        )
     return ModelTrace(blocks_name, rec["args"], rec["kwargs"], rec["input"], rec["output"], rec["io"])
 
 
-def capture_module(module: nn.Module, args: tuple, kwargs: dict | None = None) -> torch.export.ExportedProgram:
+def capture_module(
+    module: nn.Module, args: tuple, kwargs: dict | None = None
+) -> torch.export.ExportedProgram:
     """`torch.export.export(strict=False)` with a StructureError naming the module when export fails."""
     try:
         return torch.export.export(module, tuple(args), kwargs or {}, strict=False)
     except Exception as e:  # noqa: BLE001 - any export failure becomes a structure error with context
-        raise StructureError(f"torch.export could not capture {type(module).__name__}: {type(e).__name__}: {e}") from e
+        raise StructureError(
+            f"torch.export could not capture {type(module).__name__}: {type(e).__name__}: {e}"
+        ) from e
 
 
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")

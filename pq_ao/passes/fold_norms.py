@@ -45,7 +45,9 @@ def untie_embeddings(model: nn.Module, s: ModelStructure) -> bool:
         for cfg in (config, _text_config(config)):
             if getattr(cfg, "tie_word_embeddings", False):
                 cfg.tie_word_embeddings = False
-    mapping = getattr(model, "all_tied_weights_keys", None)  # HF 5.x: what tie_weights(recompute_mapping=False) ties
+    mapping = getattr(
+        model, "all_tied_weights_keys", None
+    )  # HF 5.x: what tie_weights(recompute_mapping=False) ties
     if isinstance(mapping, dict):
         names = {f"{s.lm_head}.weight", f"{s.embed}.weight"}
         for key in [k for k, v in mapping.items() if k in names or v in names]:

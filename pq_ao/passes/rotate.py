@@ -50,7 +50,10 @@ def _rotate_output(lin: nn.Linear, r: RandomHadamard) -> None:
 def _rotate_heads_output(lin: nn.Linear, r: RandomHadamard, head_dim: int) -> None:
     """Each head's output block of W (rows h*hd:(h+1)*hd) and bias: y_h <- y_h R."""
     out, inp = lin.weight.shape
-    _update(lin.weight, lambda w: r.right(w.view(-1, head_dim, inp).transpose(1, 2)).transpose(1, 2).reshape(out, inp))
+    _update(
+        lin.weight,
+        lambda w: r.right(w.view(-1, head_dim, inp).transpose(1, 2)).transpose(1, 2).reshape(out, inp),
+    )
     _update(lin.bias, lambda b: r.right(b.view(-1, head_dim)).reshape(-1))
 
 
@@ -65,7 +68,9 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), attr, module)
 
 
-def attach_attention(model: nn.Module, structure: ModelStructure | None = None, rotate_qk: bool = False) -> ModelStructure:
+def attach_attention(
+    model: nn.Module, structure: ModelStructure | None = None, rotate_qk: bool = False
+) -> ModelStructure:
     """Swap every block's attention module for `PrefixAttention.wrap(attn, rotate_qk)` (R3 when rotate_qk)."""
     s = structure or discover(model)
     for b in s.blocks:

@@ -37,20 +37,45 @@ def _ops(*names: str) -> frozenset:
 
 # Ops that only move, cast or reshape data: a tensor seen through them is "the same" tensor.
 _ALIAS = _ops(
-    "to.dtype", "to.dtype_layout", "to.device", "_to_copy.default", "view.default", "reshape.default",
-    "_unsafe_view.default", "transpose.int", "permute.default", "contiguous.default", "clone.default",
-    "unsqueeze.default", "expand.default", "alias.default", "detach.default", "flatten.using_ints",
-    "dropout.default", "type_as.default",
+    "to.dtype",
+    "to.dtype_layout",
+    "to.device",
+    "_to_copy.default",
+    "view.default",
+    "reshape.default",
+    "_unsafe_view.default",
+    "transpose.int",
+    "permute.default",
+    "contiguous.default",
+    "clone.default",
+    "unsqueeze.default",
+    "expand.default",
+    "alias.default",
+    "detach.default",
+    "flatten.using_ints",
+    "dropout.default",
+    "type_as.default",
 )
 _HEAD_PRESERVING = _ALIAS | _ops("slice.Tensor", "repeat_interleave.self_int")  # V path (repeat_kv)
 _RMSNORM = _ALIAS | _ops(
-    "_assert_tensor_metadata.default", "pow.Tensor_Scalar", "mean.dim", "add.Tensor", "add.Scalar",
-    "rsqrt.default", "mul.Tensor", "mul.Scalar", "div.Tensor", "sqrt.default", "rms_norm.default",
+    "_assert_tensor_metadata.default",
+    "pow.Tensor_Scalar",
+    "mean.dim",
+    "add.Tensor",
+    "add.Scalar",
+    "rsqrt.default",
+    "mul.Tensor",
+    "mul.Scalar",
+    "div.Tensor",
+    "sqrt.default",
+    "rms_norm.default",
 )
 _SDPA = _ops("scaled_dot_product_attention.default")
 _SOFTMAX = _ops("_softmax.default", "softmax.int")
 _MATMUL = _ops("matmul.default", "bmm.default")
-_SCORE_OPS = _ALIAS | _ops("add.Tensor", "mul.Tensor", "mul.Scalar", "div.Tensor", "div.Scalar", "slice.Tensor")
+_SCORE_OPS = _ALIAS | _ops(
+    "add.Tensor", "mul.Tensor", "mul.Scalar", "div.Tensor", "div.Scalar", "slice.Tensor"
+)
 _LINEAR = _ops("linear.default")
 _ADD = _ops("add.Tensor")
 
@@ -206,10 +231,16 @@ def _check_rmsnorm(g: _Graph, root: nn.Module, path: str, exclude: set[Node]) ->
         raise StructureError(f"norm '{path}' ({kind}) is not an RMSNorm: it computes {foreign or 'no rsqrt'}")
     params = {name for name, _ in mod.named_parameters()}
     if params - {"weight"}:
-        raise StructureError(f"norm '{path}' ({kind}) has parameters {sorted(params)}; an RMSNorm has only a weight")
+        raise StructureError(
+            f"norm '{path}' ({kind}) has parameters {sorted(params)}; an RMSNorm has only a weight"
+        )
     for n in nodes:
         for a in n.all_input_nodes:
-            if a.op == "placeholder" and a.name in g.params and n.target not in _ops("mul.Tensor", "rms_norm.default"):
+            if (
+                a.op == "placeholder"
+                and a.name in g.params
+                and n.target not in _ops("mul.Tensor", "rms_norm.default")
+            ):
                 raise StructureError(
                     f"norm '{path}' ({kind}) uses its weight in {_describe(g, n)}, not as a plain scale (1 + w?)"
                 )
@@ -269,13 +300,17 @@ def _attention_core(g: _Graph) -> tuple[Node, Node, Node, Node, str]:
     """(q, k, v, output, kind) of the block's attention: one SDPA, or eager matmul -> softmax -> matmul."""
     sdpa = [n for n in g.nodes if g.is_op(n, _SDPA)]
     if len(sdpa) > 1:
-        raise StructureError(f"found {len(sdpa)} scaled_dot_product_attention calls in one block, expected one")
+        raise StructureError(
+            f"found {len(sdpa)} scaled_dot_product_attention calls in one block, expected one"
+        )
     if sdpa:
         q, k, v = sdpa[0].args[:3]
         return q, k, v, sdpa[0], "sdpa"
     soft = [n for n in g.nodes if g.is_op(n, _SOFTMAX)]
     if len(soft) != 1:
-        raise StructureError(f"no attention found: no scaled_dot_product_attention and {len(soft)} softmax nodes")
+        raise StructureError(
+            f"no attention found: no scaled_dot_product_attention and {len(soft)} softmax nodes"
+        )
     n = soft[0].args[0]
     while not g.is_op(n, _MATMUL):
         if not g.is_op(n, _SCORE_OPS):
@@ -338,7 +373,9 @@ def analyze_block(ep: torch.export.ExportedProgram, block: nn.Module, name: str 
     k_lin, k_nodes = _single_linear(g, k, "K")
     v_lin, _ = _single_linear(g, v, "V")
     if len({q_lin, k_lin, v_lin}) != 3:
-        raise StructureError(f"Q, K and V share the linear '{g.linear_name(q_lin)}' (fused QKV is not supported)")
+        raise StructureError(
+            f"Q, K and V share the linear '{g.linear_name(q_lin)}' (fused QKV is not supported)"
+        )
     if set(attn_readers) != {q_lin, k_lin, v_lin}:
         raise StructureError(
             f"linears reading '{attn_norm}' are {sorted(g.linear_name(n) for n in attn_readers)}, "
@@ -439,10 +476,13 @@ def discover(model: nn.Module, input_ids: torch.Tensor | None = None) -> ModelSt
     embed = _name_of(model, model.get_input_embeddings(), "input embedding")
     lm_head = _name_of(model, model.get_output_embeddings(), "output embedding (lm_head)")
     if not _same(trace.io[embed][1], trace.block_input):
-        raise StructureError(f"the first block's input is not the output of '{embed}' (scaled or positional embeddings?)")
+        raise StructureError(
+            f"the first block's input is not the output of '{embed}' (scaled or positional embeddings?)"
+        )
     head_in = trace.io[lm_head][0]
     norms = [
-        name for name, (x, y) in trace.io.items()
+        name
+        for name, (x, y) in trace.io.items()
         if name != lm_head and _same(x, trace.block_output) and _same(y, head_in)
     ]
     if not norms:
@@ -454,7 +494,9 @@ def discover(model: nn.Module, input_ids: torch.Tensor | None = None) -> ModelSt
     emb, head = model.get_submodule(embed), model.get_submodule(lm_head)
     hidden = emb.weight.shape[1]
     if not isinstance(head, nn.Linear) or head.in_features != hidden:
-        raise StructureError(f"lm_head '{lm_head}' is {type(head).__name__}, expected nn.Linear from {hidden} features")
+        raise StructureError(
+            f"lm_head '{lm_head}' is {type(head).__name__}, expected nn.Linear from {hidden} features"
+        )
     return ModelStructure(
         layers=trace.blocks,
         blocks=tuple(dataclasses.replace(block, block=f"{trace.blocks}.{i}") for i in range(len(layers))),
