@@ -29,57 +29,28 @@ def _randomise(model):
     return model.eval()
 
 
-def make_tiny(kind: str):
-    import transformers as tf
+# kind -> (transformers family prefix, config kwargs); see the table above
+_TINY = {
+    "qwen2": ("Qwen2", dict(hidden_size=96, intermediate_size=160, num_attention_heads=6, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3", dict(hidden_size=112, intermediate_size=144, num_attention_heads=4, head_dim=16)),
+    "mistral": ("Mistral", dict(hidden_size=120, intermediate_size=208, num_attention_heads=4, head_dim=32,
+                                sliding_window=6)),
+    "llama_eager": ("Llama", dict(hidden_size=90, intermediate_size=140, num_attention_heads=3, num_key_value_heads=1,
+                                  head_dim=16, attention_bias=True, attn_implementation="eager")),
+}  # fmt: skip
 
+
+def make_tiny(kind: str):
+    import transformers
+
+    family, kwargs = _TINY[kind]
+    kwargs = (
+        dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=64, num_key_value_heads=2)
+        | kwargs
+    )
     torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=64)
-    if kind == "qwen2":
-        cfg = tf.Qwen2Config(
-            hidden_size=96,
-            intermediate_size=160,
-            num_attention_heads=6,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            **common,
-        )
-        model = tf.Qwen2ForCausalLM(cfg)
-    elif kind == "qwen3":
-        cfg = tf.Qwen3Config(
-            hidden_size=112,
-            intermediate_size=144,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            **common,
-        )
-        model = tf.Qwen3ForCausalLM(cfg)
-    elif kind == "mistral":
-        cfg = tf.MistralConfig(
-            hidden_size=120,
-            intermediate_size=208,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            sliding_window=6,
-            **common,
-        )
-        model = tf.MistralForCausalLM(cfg)
-    elif kind == "llama_eager":
-        cfg = tf.LlamaConfig(
-            hidden_size=90,
-            intermediate_size=140,
-            num_attention_heads=3,
-            num_key_value_heads=1,
-            head_dim=16,
-            attention_bias=True,
-            attn_implementation="eager",
-            **common,
-        )
-        model = tf.LlamaForCausalLM(cfg)
-    else:
-        raise ValueError(kind)
-    return _randomise(model)
+    config = getattr(transformers, f"{family}Config")(**kwargs)
+    return _randomise(getattr(transformers, f"{family}ForCausalLM")(config))
 
 
 @pytest.fixture
