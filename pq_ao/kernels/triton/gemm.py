@@ -10,9 +10,11 @@ W4A4 splits each packed byte into its low-nibble and high-nibble halves and issu
 k does not care in which order the k's come, as long as both operands use the same one), so no interleaving shuffle
 is needed. With one packed operand, the unpacked nibbles are interleaved back into natural k order (join + reshape).
 
-Skinny M (decode) uses the same kernel with 16-row tiles, narrow N tiles and optional split-K: the K-partial int32
-sums are added with atomics into a zeroed workspace (exact and order-independent), and the last program to finish an
-output tile (an atomic ticket counter) runs the epilogue.
+Skinny M (decode) has two kernels: the same tensor-core kernel with 16-row tiles, and a CUDA-core GEMV for M <= 4
+that reads the packed operands as int32 words and multiplies 4 lanes per `dp4a` instruction (W4: the words
+`(w << 4) & 0xF0F0F0F0` / `w & 0xF0F0F0F0` hold 16x the even-k / odd-k values; the activation words are picked to
+match). Both can split K: the K-partial int32 sums are added with atomics into a zeroed workspace (exact and
+order-independent), and the last program to finish an output tile (an atomic ticket counter) runs the epilogue.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_out, interpreting, unpack_int4_x16
+from ._common import cast_out, dp4a, interpreting, unpack_int4_x16
 
 
 @dataclass(frozen=True)
@@ -34,15 +36,16 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
-    split_k: int = 1
+    split_k: int = 1  # K split (programs per output tile); 0 = automatic (resolved by gemv/skinny_config)
     split_nibbles: bool = True  # W4A4 only: two half-K dots instead of interleaving
+    kind: str = "mma"  # "mma": tensor cores (tl.dot); "dp4a": CUDA-core GEMV for M <= block_m <= 8
 
     def as_kwargs(self) -> dict:
-        return dict(
-            BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
-            SPLIT_K=self.split_k, SPLIT_NIBBLES=self.split_nibbles,
-            num_warps=self.num_warps, num_stages=self.num_stages,
-        )
+        kw = dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k,
+                  num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.kind == "mma":
+            kw.update(GROUP_M=self.group_m, SPLIT_NIBBLES=self.split_nibbles)
+        return kw
 
 
 @triton.jit
@@ -54,16 +57,17 @@ def _interleave_k(lo, hi, K_AXIS: tl.constexpr):
         return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (2 * lo.shape[0], lo.shape[1]))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "NUM_SPLITS"])
 def _int_linear_kernel(
     x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, ws_acc_ptr, ws_cnt_ptr,
-    M, N, K, K_PER_SPLIT,
+    M, N, K, K_PER_SPLIT, NUM_SPLITS,
     stride_xm, stride_wn, stride_om, stride_xs,
     A_BITS: tl.constexpr, W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_TOKEN: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, SPLIT_NIBBLES: tl.constexpr, INTERP: tl.constexpr,
 ):
+    ASM: tl.constexpr = not INTERP
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -104,36 +108,111 @@ def _int_linear_kernel(
             a = tl.load(a_base + ka0, mask=offs_ka[None, :] < KA_TOTAL - ka0, other=0)
             w = tl.load(w_base + kw0, mask=offs_kw[:, None] < KW_TOTAL - kw0, other=0)
         if A_BITS == 4 and W_BITS == 4 and SPLIT_NIBBLES:
-            a_lo, a_hi = unpack_int4_x16(a)
-            w_lo, w_hi = unpack_int4_x16(w)
+            a_lo, a_hi = unpack_int4_x16(a, ASM)
+            w_lo, w_hi = unpack_int4_x16(w, ASM)
             acc = tl.dot(a_lo, w_lo, acc)
             acc = tl.dot(a_hi, w_hi, acc)
         else:
             if A_BITS == 4:
-                a_lo, a_hi = unpack_int4_x16(a)
+                a_lo, a_hi = unpack_int4_x16(a, ASM)
                 a_op = _interleave_k(a_lo, a_hi, 1)
             else:
                 a_op = a
             if W_BITS == 4:
-                w_lo, w_hi = unpack_int4_x16(w)
+                w_lo, w_hi = unpack_int4_x16(w, ASM)
                 w_op = _interleave_k(w_lo, w_hi, 0)
             else:
                 w_op = w
             acc = tl.dot(a_op, w_op, acc)
 
+    _finish(acc, pid, offs_m, offs_n, xs_ptr, ws_ptr, b_ptr, out_ptr, ws_acc_ptr, ws_cnt_ptr, stride_om, stride_xs,
+            M, N, NUM_SPLITS, A_BITS, W_BITS, HAS_BIAS, PER_TOKEN, SPLIT_K, INTERP)
+
+
+@triton.jit
+def _finish(acc, tile, offs_m, offs_n, xs_ptr, ws_ptr, b_ptr, out_ptr, ws_acc_ptr, ws_cnt_ptr, stride_om, stride_xs,
+            M, N, NUM_SPLITS, A_BITS: tl.constexpr, W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+            PER_TOKEN: tl.constexpr, SPLIT_K: tl.constexpr, INTERP: tl.constexpr):
+    """SPLIT_K (constexpr bool): K is split over NUM_SPLITS programs per output tile."""
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K > 1:
+    if SPLIT_K:
         # exact int32 partial sums; the last program of this tile to arrive does the epilogue
         acc_ptrs = ws_acc_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         tl.atomic_add(acc_ptrs, acc, mask=out_mask, sem="relaxed")
-        ticket = tl.atomic_add(ws_cnt_ptr + pid, 1, sem="acq_rel")
-        if ticket == SPLIT_K - 1:
+        tl.debug_barrier()  # every thread's partial sums are issued before the ticket (released by it)
+        ticket = tl.atomic_add(ws_cnt_ptr + tile, 1, sem="acq_rel")
+        if ticket == NUM_SPLITS - 1:
             acc = tl.load(acc_ptrs, mask=out_mask, other=0, cache_modifier=".cg")
             _epilogue(acc, offs_m, offs_n, out_mask, xs_ptr, ws_ptr, b_ptr, out_ptr, stride_om, stride_xs, M, N,
                       A_BITS, W_BITS, HAS_BIAS, PER_TOKEN, INTERP)
     else:
         _epilogue(acc, offs_m, offs_n, out_mask, xs_ptr, ws_ptr, b_ptr, out_ptr, stride_om, stride_xs, M, N,
                   A_BITS, W_BITS, HAS_BIAS, PER_TOKEN, INTERP)
+
+
+@triton.jit
+def _even_bytes(x0, x1):
+    """int32 words x0 = (b0 b1 b2 b3), x1 = (b4 .. b7) -> (b0 b2 b4 b6)."""
+    return (x0 & 0xFF) | ((x0 >> 8) & 0xFF00) | ((x1 & 0xFF) << 16) | ((x1 << 8) & -16777216)
+
+
+@triton.jit
+def _odd_bytes(x0, x1):
+    """-> (b1 b3 b5 b7)."""
+    return ((x0 >> 8) & 0xFF) | ((x0 >> 16) & 0xFF00) | ((x1 << 8) & 0xFF0000) | (x1 & -16777216)
+
+
+@triton.jit(do_not_specialize=["M", "NUM_SPLITS"])
+def _int_gemv_kernel(
+    x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, ws_acc_ptr, ws_cnt_ptr,
+    M, N, KW, KW_PER_SPLIT, NUM_SPLITS,
+    stride_xm, stride_wn, stride_om, stride_xs,
+    A_BITS: tl.constexpr, W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_TOKEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """x_ptr / w_ptr are int32 views of the operands; KW = int32 words per weight row. Each program: BLOCK_N
+    weight rows x all (<= BLOCK_M) activation rows over one K split, in [BLOCK_M, BLOCK_N, words] dp4a lanes."""
+    ASM: tl.constexpr = not INTERP
+    BKW: tl.constexpr = BLOCK_K // 8 if W_BITS == 4 else BLOCK_K // 4  # weight words per row per step
+    MASK: tl.constexpr = -252645136  # 0xF0F0F0F0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_x = (offs_m % M).to(tl.int64)
+    rows_w = (offs_n % N).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BKW), dtype=tl.int32)
+    kw_start = pid_k * KW_PER_SPLIT
+    kw_end = tl.minimum(KW, kw_start + KW_PER_SPLIT)
+    for kw0 in range(kw_start, kw_end, BKW):
+        offs_kw = kw0 + tl.arange(0, BKW)
+        kmask = offs_kw < kw_end
+        w = tl.load(w_ptr + rows_w[:, None] * stride_wn + offs_kw[None, :], mask=kmask[None, :], other=0)
+        w = w[None, :, :]
+        if W_BITS == 4:
+            w_lo = (w << 4) & MASK
+            w_hi = w & MASK
+            if A_BITS == 4:
+                x = tl.load(x_ptr + rows_x[:, None] * stride_xm + offs_kw[None, :], mask=kmask[None, :], other=0)
+                x_lo = (x << 4) & MASK
+                x_hi = x & MASK
+            else:
+                x_row = x_ptr + rows_x[:, None] * stride_xm + 2 * offs_kw[None, :]
+                x0 = tl.load(x_row, mask=kmask[None, :], other=0)
+                x1 = tl.load(x_row + 1, mask=kmask[None, :], other=0)
+                x_lo = _even_bytes(x0, x1)
+                x_hi = _odd_bytes(x0, x1)
+            acc = dp4a(tl.broadcast_to(w_lo, (BLOCK_M, BLOCK_N, BKW)),
+                       tl.broadcast_to(x_lo[:, None, :], (BLOCK_M, BLOCK_N, BKW)), acc, ASM)
+            acc = dp4a(tl.broadcast_to(w_hi, (BLOCK_M, BLOCK_N, BKW)),
+                       tl.broadcast_to(x_hi[:, None, :], (BLOCK_M, BLOCK_N, BKW)), acc, ASM)
+        else:
+            x = tl.load(x_ptr + rows_x[:, None] * stride_xm + offs_kw[None, :], mask=kmask[None, :], other=0)
+            acc = dp4a(tl.broadcast_to(w, (BLOCK_M, BLOCK_N, BKW)),
+                       tl.broadcast_to(x[:, None, :], (BLOCK_M, BLOCK_N, BKW)), acc, ASM)
+    _finish(tl.sum(acc, axis=2), pid_n, offs_m, offs_n, xs_ptr, ws_ptr, b_ptr, out_ptr, ws_acc_ptr, ws_cnt_ptr,
+            stride_om, stride_xs, M, N, NUM_SPLITS, A_BITS, W_BITS, HAS_BIAS, PER_TOKEN, SPLIT_K, INTERP)
 
 
 @triton.jit
@@ -159,25 +238,44 @@ def _epilogue(acc, offs_m, offs_n, out_mask, xs_ptr, ws_ptr, b_ptr, out_ptr, str
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Configurations. Picked from the H100 sweep recorded in docs/kernels.md (benchmarks/gpu/tune_linear.py).
+# Configurations. Picked from the H100 sweep recorded in docs/kernels.md (benchmarks/gpu/bench_kernels.py).
 
 _NUM_SMS_H100 = 132
 
 
-def _skinny_config(M: int, N: int, K: int, a_bits: int, w_bits: int) -> GemmConfig:
-    block_n = 64
-    block_k = 512 if w_bits == 4 else 256
-    tiles = triton.cdiv(N, block_n) * triton.cdiv(M, 16)
-    k_steps = triton.cdiv(K, block_k)
+def _split_for(tiles: int, k_steps: int, min_steps: int, per_sm: int) -> int:
+    """Smallest power-of-2 K split giving >= per_sm programs per SM, keeping >= min_steps K steps per program."""
     split = 1
-    while tiles * split < 2 * _NUM_SMS_H100 and split * 2 <= k_steps // 4:
+    while tiles * split < per_sm * _NUM_SMS_H100 and (split * 2) * min_steps <= k_steps:
         split *= 2
-    return GemmConfig(16, block_n, block_k, num_warps=4, num_stages=4, group_m=1, split_k=split)
+    return split
+
+
+def dp4a_supported(K: int, a_bits: int, w_bits: int) -> bool:
+    """The dp4a GEMV reads int32 words: 8 packed int4 or 4 int8 values each, rows whole words."""
+    return (a_bits, w_bits) in ((4, 4), (8, 4), (8, 8)) and K % 8 == 0
+
+
+def gemv_config(M: int, N: int, K: int, w_bits: int, block_n: int = 32, block_k: int = 0, num_warps: int = 4,
+                num_stages: int = 4, split_k: int = 0) -> GemmConfig:
+    block_m = 1 if M <= 1 else (2 if M <= 2 else (4 if M <= 4 else 8))
+    block_k = block_k or (512 if w_bits == 4 else 256)
+    split = split_k or _split_for(triton.cdiv(N, block_n), triton.cdiv(K, block_k), 2, 8)
+    return GemmConfig(block_m, block_n, block_k, num_warps, num_stages, group_m=1, split_k=split, kind="dp4a")
+
+
+def skinny_config(M: int, N: int, K: int, w_bits: int, block_n: int = 64, block_k: int = 0, num_warps: int = 4,
+                  num_stages: int = 4, split_k: int = 0) -> GemmConfig:
+    block_k = block_k or (512 if w_bits == 4 else 256)
+    split = split_k or _split_for(triton.cdiv(N, block_n) * triton.cdiv(M, 16), triton.cdiv(K, block_k), 2, 4)
+    return GemmConfig(16, block_n, block_k, num_warps, num_stages, group_m=1, split_k=split)
 
 
 def pick_config(M: int, N: int, K: int, a_bits: int, w_bits: int) -> GemmConfig:
+    if M <= 4 and dp4a_supported(K, a_bits, w_bits):
+        return gemv_config(M, N, K, w_bits)
     if M <= 16:
-        return _skinny_config(M, N, K, a_bits, w_bits)
+        return skinny_config(M, N, K, w_bits)
     if M <= 64:
         return GemmConfig(64, 128, 256, num_warps=4, num_stages=4, group_m=8)
     if M <= 256:
@@ -229,25 +327,45 @@ def int_linear_with_config(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_d
         ws = ws.float()
     if cfg is None:
         cfg = pick_config(M, N, K, a_bits, w_bits)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    k_per_split = triton.cdiv(triton.cdiv(K, cfg.block_k), cfg.split_k) * cfg.block_k
-    split = triton.cdiv(K, k_per_split)
-    if split > 1:
-        workspace = torch.zeros((M * N + tiles,), dtype=torch.int32, device=xq.device)
-        ws_acc, ws_cnt = workspace[: M * N], workspace[M * N:]
-    else:
-        ws_acc = ws_cnt = out  # unused
-    kw = cfg.as_kwargs()
-    kw["SPLIT_K"] = split
     has_bias = bias is not None
-    torch.library.wrap_triton(_int_linear_kernel)[(tiles, split)](
-        x2, w2, xs, ws, bias if has_bias else ws, out, ws_acc, ws_cnt,
-        M, N, K, k_per_split,
-        x2.stride(0), w2.stride(0), out.stride(0), 1,
-        A_BITS=a_bits, W_BITS=w_bits, HAS_BIAS=has_bias, PER_TOKEN=per_token,
-        EVEN_K=(K % cfg.block_k == 0), INTERP=interpreting(), **kw,
-    )
+    b = bias if has_bias else ws
+    flags = dict(A_BITS=a_bits, W_BITS=w_bits, HAS_BIAS=has_bias, PER_TOKEN=per_token, INTERP=interpreting())
+    kw = cfg.as_kwargs()
+    if cfg.kind == "dp4a":
+        if not dp4a_supported(K, a_bits, w_bits) or M > cfg.block_m:
+            raise ValueError(f"dp4a GEMV needs K % 8 == 0, W4A4/W4A8/W8A8 and M <= {cfg.block_m}: {cfg}")
+        xw, ww = x2.view(torch.int32), w2.view(torch.int32)
+        KW = ww.shape[1]
+        step = cfg.block_k // (8 if w_bits == 4 else 4)
+        kw_per_split = triton.cdiv(triton.cdiv(KW, step), cfg.split_k) * step
+        split = triton.cdiv(KW, kw_per_split)
+        tiles = triton.cdiv(N, cfg.block_n)
+        ws_acc, ws_cnt = _workspace(split, M, N, tiles, out)
+        kw["SPLIT_K"] = split > 1
+        torch.library.wrap_triton(_int_gemv_kernel)[(tiles, split)](
+            xw, ww, xs, ws, b, out, ws_acc, ws_cnt, M, N, KW, kw_per_split, split,
+            xw.stride(0), ww.stride(0), out.stride(0), 1, **flags, **kw,
+        )
+    else:
+        tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+        k_per_split = triton.cdiv(triton.cdiv(K, cfg.block_k), cfg.split_k) * cfg.block_k
+        split = triton.cdiv(K, k_per_split)
+        ws_acc, ws_cnt = _workspace(split, M, N, tiles, out)
+        kw["SPLIT_K"] = split > 1
+        torch.library.wrap_triton(_int_linear_kernel)[(tiles, split)](
+            x2, w2, xs, ws, b, out, ws_acc, ws_cnt, M, N, K, k_per_split, split,
+            x2.stride(0), w2.stride(0), out.stride(0), 1,
+            EVEN_K=(K % cfg.block_k == 0), **flags, **kw,
+        )
     return out.reshape(*lead, N)
+
+
+def _workspace(split: int, M: int, N: int, tiles: int, out: torch.Tensor):
+    """Split-K scratch: int32 partial sums [M * N] and one ticket counter per output tile, zeroed."""
+    if split == 1:
+        return out, out  # unused
+    workspace = torch.zeros((M * N + tiles,), dtype=torch.int32, device=out.device)
+    return workspace[: M * N], workspace[M * N:]
 
 
 def int_linear(

@@ -18,6 +18,15 @@ DEVICES = [
 ]
 
 
+def cases(cpu_cases, gpu_cases):
+    """(device, case) parameters: each case its own test, so pytest-xdist can spread the GPU ones."""
+    cpu_mark = pytest.mark.skipif(not interpreting(), reason="kernels are compiled for CUDA here")
+    gpu_marks = [pytest.mark.gpu,
+                 pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="no GPU")]
+    return ([pytest.param("cpu", c, marks=cpu_mark, id=f"cpu-{c}") for c in cpu_cases]
+            + [pytest.param("cuda", c, marks=gpu_marks, id=f"cuda-{c}") for c in gpu_cases])
+
+
 def poison(device: str, nbytes: int) -> None:
     """Fill a just-freed block of `nbytes` with 0xFF (NaN for bf16/fp32, -1 for ints), so the caching allocator
     hands poisoned memory to the next allocation of that size: unwritten outputs then show up."""

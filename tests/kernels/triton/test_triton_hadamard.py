@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from pq_triton_testutil import DEVICES, assert_boundary_flips_only, poison
+from pq_triton_testutil import assert_boundary_flips_only, cases, poison
 
 from pq_ao import hadamard, quant_math
 from pq_ao.kernels import reference
@@ -28,15 +28,11 @@ def _exact(x, had_k):
     return hadamard.hadamard_transform(x.double().cpu(), had_k.double())
 
 
-def _cases(device):
-    return CPU_CASES if device == "cpu" else GPU_CASES
-
-
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,case", cases(CPU_CASES, GPU_CASES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_hadamard_transform(device, dtype):
-    gen = torch.Generator().manual_seed(5)
-    for rows, n in _cases(device):
+def test_hadamard_transform(device, case, dtype):
+    gen = torch.Generator().manual_seed(5 + case[1])
+    for rows, n in [case]:
         _, had_k = hadamard.hadamard_factor(n)
         x = (torch.randn(rows, n, generator=gen) * 2).to(dtype).to(device)
         hk = had_k.float().to(device)
@@ -59,13 +55,13 @@ def test_hadamard_transform(device, dtype):
             assert (y != ref).float().mean() < (0.01 if dtype == torch.bfloat16 else 0.05), n
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,case", cases(CPU_CASES, GPU_CASES))
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_hadamard_quantize_static(device, bits, dtype):
-    gen = torch.Generator().manual_seed(6 + bits)
+def test_hadamard_quantize_static(device, case, bits, dtype):
+    gen = torch.Generator().manual_seed(6 + bits + case[1])
     qmax = quant_math.qrange(bits)[1]
-    for rows, n in _cases(device):
+    for rows, n in [case]:
         _, had_k = hadamard.hadamard_factor(n)
         x = (torch.randn(rows, n, generator=gen) * 2).to(dtype).to(device)
         hk = had_k.float().to(device)

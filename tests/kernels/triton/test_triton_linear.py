@@ -4,30 +4,33 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pq_triton_testutil import DEVICES, assert_one_rounding, poison
+from pq_triton_testutil import DEVICES, assert_one_rounding, cases, poison
 
 from pq_ao import quant_math
 from pq_ao.kernels import reference
 from pq_ao.kernels import triton as tk
-from pq_ao.kernels.triton.gemm import GemmConfig, int_linear_with_config
+from pq_ao.kernels.triton.gemm import GemmConfig, gemv_config, int_linear_with_config
 
 BITS = [(4, 4), (8, 4), (8, 8), (4, 8)]  # (a_bits, w_bits)
+LLAMA = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 
-# (M, N, K): K and N off the block sizes, M from 1 up
+# (M, N, K): K and N off the block sizes, M from 1 up; the default configuration for each
 CPU_SHAPES = [(1, 24, 70), (3, 40, 200), (17, 33, 1030), (40, 64, 256)]
-GPU_SHAPES = [(m, n, k) for (n, k) in [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (1000, 1030)]
-              for m in (1, 3, 16, 17, 64, 130, 2048, 8192)] + [(m, 40, 70) for m in (1, 9, 300)]
+GPU_SHAPES = ([(m, n, k) for (n, k) in LLAMA for m in (1, 3, 16, 17, 130, 2048)]
+              + [(m, 1000, 1030) for m in (1, 5, 16, 64, 300, 8192)] + [(8192, 4096, 4096), (8192, 4096, 14336)]
+              + [(m, 40, 72) for m in (1, 9, 300)])
 
-# configurations that the heuristic may not pick on small shapes: split-K, interleaved W4A4, even K, tiny tiles
+# configurations that the heuristic may not pick on these shapes: split-K, interleaved W4A4, tiny tiles
 CPU_CONFIGS = [
-    GemmConfig(16, 16, 64, num_warps=4, num_stages=2, split_k=3),
-    GemmConfig(32, 16, 128, num_warps=4, num_stages=2, split_nibbles=False),
-    GemmConfig(16, 32, 32, num_warps=4, num_stages=2, group_m=2),
+    (GemmConfig(16, 16, 64, num_warps=4, num_stages=2, split_k=3), (5, 40, 300)),
+    (GemmConfig(32, 16, 128, num_warps=4, num_stages=2, split_nibbles=False), (33, 17, 512)),
+    (GemmConfig(16, 32, 32, num_warps=4, num_stages=2, group_m=2), (33, 17, 300)),
 ]
 GPU_CONFIGS = [
-    GemmConfig(16, 64, 512, num_warps=4, num_stages=4, split_k=4),
-    GemmConfig(128, 128, 128, num_warps=8, num_stages=3, split_nibbles=False),
-    GemmConfig(64, 64, 64, num_warps=4, num_stages=2, group_m=4),
+    (GemmConfig(16, 64, 512, num_warps=4, num_stages=4, split_k=4), (1, 1024, 4096)),
+    (GemmConfig(16, 64, 512, num_warps=4, num_stages=4, split_k=4), (7, 4096, 14336)),
+    (GemmConfig(128, 128, 128, num_warps=8, num_stages=3, split_nibbles=False), (300, 1000, 1030)),
+    (GemmConfig(64, 64, 64, num_warps=4, num_stages=2, group_m=4), (300, 1000, 1030)),
 ]
 
 
@@ -48,12 +51,12 @@ def _check(m, n, k, a_bits, w_bits, device, gen, cfg=None, what="", all_epilogue
     poison(device, m * n * 4)
     got = run(xq, ones_x, wq, ones_w, None, a_bits, w_bits, torch.float32)
     assert torch.equal(got, want), f"{what}: integer results differ in {int((got != want).sum())} of {got.numel()}"
-    # 2) per-tensor and per-token scales, bias, bf16 / fp16 / fp32 output: within one rounding
+    # 2) per-token / per-tensor scales, bias, bf16 / fp16 / fp32 output: within one rounding
     w_scale = (torch.rand(n, generator=gen) * 0.01 + 1e-3).to(device)
     bias = torch.randn(n, generator=gen).to(device)
     epilogues = [
-        (torch.rand(m, 1, generator=gen).to(device) * 0.1 + 0.01, bias, torch.bfloat16),
         (torch.rand(1, generator=gen).to(device) * 0.1 + 0.01, None, torch.bfloat16),
+        (torch.rand(m, 1, generator=gen).to(device) * 0.1 + 0.01, bias, torch.bfloat16),
         (torch.rand(m, 1, generator=gen).to(device) * 0.1 + 0.01, bias.bfloat16(), torch.float16),
         (torch.rand(1, generator=gen).to(device) * 0.1 + 0.01, bias, torch.float32),
     ]
@@ -65,24 +68,40 @@ def _check(m, n, k, a_bits, w_bits, device, gen, cfg=None, what="", all_epilogue
         assert_one_rounding(y, ref32, f"{what} x_scale {list(x_scale.shape)} bias {b is not None} {dtype}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,shape", cases(CPU_SHAPES, GPU_SHAPES))
 @pytest.mark.parametrize("a_bits,w_bits", BITS)
-def test_int_linear_matches_reference(device, a_bits, w_bits):
-    gen = torch.Generator().manual_seed(31 * a_bits + w_bits)
-    for m, n, k in CPU_SHAPES if device == "cpu" else GPU_SHAPES:
-        _check(m, n, k, a_bits, w_bits, device, gen, what=f"W{w_bits}A{a_bits} {m}x{n}x{k}")
+def test_int_linear_matches_reference(device, shape, a_bits, w_bits):
+    m, n, k = shape
+    gen = torch.Generator().manual_seed(31 * a_bits + w_bits + m + n + k)
+    # all four epilogues on a few shapes (each is a compile on the GPU), the plain one elsewhere
+    full = device == "cpu" or m in (3, 130) or n == 1000
+    _check(m, n, k, a_bits, w_bits, device, gen, what=f"W{w_bits}A{a_bits} {m}x{n}x{k}", all_epilogues=full)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,cfg_shape", cases(CPU_CONFIGS, GPU_CONFIGS))
 @pytest.mark.parametrize("a_bits,w_bits", BITS)
-def test_int_linear_configs(device, a_bits, w_bits):
+def test_int_linear_configs(device, cfg_shape, a_bits, w_bits):
     """Split-K (atomic partial sums + last-program epilogue), interleaved W4A4, small tiles."""
+    cfg, (m, n, k) = cfg_shape
     gen = torch.Generator().manual_seed(7 * a_bits + w_bits)
-    shapes = [(5, 40, 300), (33, 17, 512)] if device == "cpu" else [(1, 1024, 4096), (7, 4096, 14336), (300, 1000, 1030)]
-    for cfg in CPU_CONFIGS if device == "cpu" else GPU_CONFIGS:
-        for m, n, k in shapes:
-            _check(m, n, k, a_bits, w_bits, device, gen, cfg, what=f"{cfg} W{w_bits}A{a_bits} {m}x{n}x{k}",
-                   all_epilogues=False)
+    _check(m, n, k, a_bits, w_bits, device, gen, cfg, what=f"{cfg} W{w_bits}A{a_bits} {m}x{n}x{k}",
+           all_epilogues=False)
+
+
+CPU_GEMV = [(1, 40, 264, 16, 128, 1), (3, 24, 520, 16, 128, 3)]  # (M, N, K, block_n, block_k, split_k)
+GPU_GEMV = [(m, n, k, 32, 512, s) for (n, k) in LLAMA + [(1000, 1032)] for m in (1, 4) for s in (0, 1)] + [
+    (2, 4096, 4096, 64, 1024, 0), (5, 4096, 4096, 32, 512, 0)]
+
+
+@pytest.mark.parametrize("device,case", cases(CPU_GEMV, GPU_GEMV))
+@pytest.mark.parametrize("a_bits,w_bits", [(4, 4), (8, 4), (8, 8)])
+def test_int_linear_dp4a_gemv(device, case, a_bits, w_bits):
+    """The CUDA-core dp4a GEMV (M <= 8, K % 8 == 0), with and without split-K, K off the block size."""
+    m, n, k, bn, bk, split = case
+    gen = torch.Generator().manual_seed(11 * a_bits + w_bits + m + n)
+    cfg = gemv_config(m, n, k, w_bits, block_n=bn, block_k=bk, split_k=split)
+    _check(m, n, k, a_bits, w_bits, device, gen, cfg, what=f"{cfg} W{w_bits}A{a_bits} {m}x{n}x{k}",
+           all_epilogues=(m == 1 and device == "cpu"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
