@@ -207,8 +207,8 @@ def int_linear(
         raise TypeError(f"out_dtype must be a float dtype, got {out_dtype}")
     x2 = _unpack(xq.reshape(-1, xq.shape[-1]), a_bits)
     acc = _exact_matmul(x2, _unpack(wq, w_bits), a_bits, w_bits)
-    y = acc.float() * x_scale.reshape(-1, 1) * w_scale
+    y = acc.float() if acc.dtype != torch.float32 else acc  # a fresh tensor either way: update it in place
+    y.mul_(x_scale.reshape(-1, 1)).mul_(w_scale)
     if bias is not None:
-        y = y + bias.float()
-    y = y.reshape(*lead, n)
-    return y.to(out_dtype)
+        y.add_(bias.float())
+    return y.reshape(*lead, n).to(out_dtype)

@@ -212,7 +212,10 @@ def test_compile_with_grad_mode_on():
     last bias gets a gradient: the quantizers pass none (rounding has zero derivative)."""
     m, x = _Linears(*ALL_OPS), torch.randn(2, 9, 96)
     torch.compiler.reset()
-    got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x0 = torch.randn(3, 5, 96)
+    assert torch.equal(compiled(x0), m(x0))
+    got = compiled(x)  # a second shape: M becomes symbolic
     assert torch.equal(got, m(x))
     got.sum().backward()
     assert torch.equal(m[4].bias.grad, torch.ones(18, 24).sum(0)) and m[0].bias.grad is None
