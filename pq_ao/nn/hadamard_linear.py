@@ -43,11 +43,12 @@ class HadamardLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, had_k: torch.Tensor | None = None) -> "HadamardLinear":
-        """The same function as `linear`: weight <- hadamard_transform(weight, had_k) (computed in float64)."""
+        """The same function as `linear`: weight <- hadamard_transform(weight, had_k) (fp32, fp64 for fp64)."""
         w = linear.weight
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, had_k, w.device, w.dtype)
         with torch.no_grad():
-            new.weight.copy_(hadamard_transform(w.detach().to(torch.float64), new.had_k.double()).to(w.dtype))
+            dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+            new.weight.copy_(hadamard_transform(w.detach().to(dt), new.had_k).to(w.dtype))
             if linear.bias is not None:
                 new.bias.copy_(linear.bias)
         new.weight.requires_grad_(w.requires_grad)

@@ -10,7 +10,7 @@ x / rms(x), which commutes with any orthogonal rotation of the residual stream (
   stream, R1 never reaches them, and they are left as they are.
 - Embeddings are not mean-centred (QuaRot does it; it is not exact for RMSNorm models).
 
-Arithmetic in float64, cast back to each weight's dtype. Idempotent.
+Arithmetic in float32 (float64 for float64 weights), cast back to each weight's dtype. Idempotent.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ def fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
     g = getattr(norm, "weight", None)
     if g is None:
         return
-    gain = g.detach().to(torch.float64)
     for lin in readers:
-        lin.weight.copy_((lin.weight.to(torch.float64) * gain.to(lin.weight.device)).to(lin.weight.dtype))
+        w = lin.weight
+        dt = torch.float64 if torch.float64 in (w.dtype, g.dtype) else torch.float32
+        w.copy_((w.to(dt) * g.detach().to(device=w.device, dtype=dt)).to(w.dtype))
     g.fill_(1.0)
 
 

@@ -15,7 +15,7 @@ relative in fp32), with or without a KV cache.
 - R4, the intermediate-size Hadamard on down_proj's input: online in `HadamardLinear`, its inverse fused into
   the weight `W <- W H^T`.
 
-Weights are transformed in float64 and cast back. The seeds and sizes are recorded in `model.pq_ao_rotation`.
+Weights are transformed in float32 (float64 ones in float64) and cast back. The seeds and sizes are recorded in `model.pq_ao_rotation`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,16 @@ from pq_ao.passes.fold_norms import fold_norms
 from pq_ao.passes.structure import ModelStructure, discover
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 arithmetic for fp32/bf16/fp16 weights (a Hadamard transform in fp32 is accurate to a few ulp,
+    far below bf16 rounding and the 1e-4 equivalence bound); float64 for float64 weights."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _update(param: torch.Tensor | None, fn) -> None:
-    """param <- fn(param in float64), cast back to its dtype."""
+    """param <- fn(param in its compute dtype), cast back to its dtype."""
     if param is not None:
-        param.copy_(fn(param.detach().to(torch.float64)).to(param.dtype))
+        param.copy_(fn(param.detach().to(compute_dtype(param.dtype))).to(param.dtype))
 
 
 def _rotate_input(lin: nn.Module, r: RandomHadamard) -> None:
