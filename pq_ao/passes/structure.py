@@ -76,6 +76,8 @@ _MATMUL = _ops("matmul.default", "bmm.default")
 _SCORE_OPS = _ALIAS | _ops(
     "add.Tensor", "mul.Tensor", "mul.Scalar", "div.Tensor", "div.Scalar", "slice.Tensor"
 )
+_RSQRT = _ops("rsqrt.default", "rms_norm.default")
+_WEIGHT_SCALE = _ops("mul.Tensor", "rms_norm.default")  # how an RMSNorm may use its weight
 _LINEAR = _ops("linear.default")
 _ADD = _ops("add.Tensor")
 
@@ -90,7 +92,8 @@ class BlockStructure:
     k_proj: str
     v_proj: str
     attn: str  # the module whose forward holds the attention core (R3 and the prefix live here)
-    attention_op: str  # "sdpa" or "eager"
+    attention_op: str  # "sdpa" or "eager": where Q and K meet (R3 goes right before it)
+    qk_rope: bool  # Q and K depend on the position inputs (RoPE'd) on their way there
     q_norm: str | None  # a module on the q path between q_proj and attention (Qwen3 per-head RMSNorm)
     k_norm: str | None
     o_proj: str
@@ -227,7 +230,7 @@ def _check_rmsnorm(g: _Graph, root: nn.Module, path: str, exclude: set[Node]) ->
     kind = type(mod).__name__
     nodes = [n for n in g.nodes if n.op == "call_function" and g.module(n) == path]
     foreign = sorted({_describe(g, n) for n in nodes if n.target not in _RMSNORM})
-    if foreign or not any(n.target in _ops("rsqrt.default", "rms_norm.default") for n in nodes):
+    if foreign or not any(n.target in _RSQRT for n in nodes):
         raise StructureError(f"norm '{path}' ({kind}) is not an RMSNorm: it computes {foreign or 'no rsqrt'}")
     params = {name for name, _ in mod.named_parameters()}
     if params - {"weight"}:
@@ -236,11 +239,7 @@ def _check_rmsnorm(g: _Graph, root: nn.Module, path: str, exclude: set[Node]) ->
         )
     for n in nodes:
         for a in n.all_input_nodes:
-            if (
-                a.op == "placeholder"
-                and a.name in g.params
-                and n.target not in _ops("mul.Tensor", "rms_norm.default")
-            ):
+            if a.op == "placeholder" and a.name in g.params and n.target not in _WEIGHT_SCALE:
                 raise StructureError(
                     f"norm '{path}' ({kind}) uses its weight in {_describe(g, n)}, not as a plain scale (1 + w?)"
                 )
@@ -424,6 +423,7 @@ def analyze_block(ep: torch.export.ExportedProgram, block: nn.Module, name: str 
         v_proj=g.linear_name(v_lin),
         attn=attention,
         attention_op=kind,
+        qk_rope=all(set(g.user_inputs[1:]) & nodes for nodes in (q_nodes, k_nodes)),
         q_norm=inner_module(q_nodes, "Q"),
         k_norm=inner_module(k_nodes, "K"),
         o_proj=g.linear_name(o_lin),

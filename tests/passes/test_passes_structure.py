@@ -17,7 +17,7 @@ def _expect_common(s, hidden, n_blocks):
     )
     assert b.attn_norm == "input_layernorm" and b.mlp_norm == "post_attention_layernorm"
     assert b.qkv == ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    assert b.attn == "self_attn" and b.mlp == "mlp"
+    assert b.attn == "self_attn" and b.mlp == "mlp" and b.qk_rope
     assert b.residual_writers == ("self_attn.o_proj", "mlp.down_proj")
     assert sorted(b.mlp_inputs) == ["mlp.gate_proj", "mlp.up_proj"]
     return b
@@ -104,8 +104,13 @@ def _swap_all(model, attr, make):
             lambda m: nn.Sequential(m, nn.RMSNorm(64)),
             r"written by a linear, found \[.rms_norm.default \(module 'self_attn.o_proj.1'",
         ),
+        (
+            "mlp.act_fn",
+            lambda m: nn.Sequential(nn.Linear(172, 172), m),
+            r"down_proj 'mlp.down_proj' reads \['mlp.act_fn.0', 'mlp.up_proj'\]",
+        ),
     ],
-    ids=["layernorm", "one_plus_w_norm", "missing_o_proj", "post_norm"],
+    ids=["layernorm", "one_plus_w_norm", "missing_o_proj", "post_norm", "extra_linear"],
 )
 def test_unknown_structure_errors(stories_copy, attr, make, match):
     _swap_all(stories_copy, attr, make)
