@@ -1,20 +1,22 @@
 """The `pq-ao` command.
 
-Subcommands are functions registered with `@subcommand(arg(...), ...)`: the function's name (less `cmd_`) is the
-subcommand, its docstring the help, the `arg`s its options; it gets the parsed namespace and returns an exit code.
-A new subcommand (quantize, export, generate) is one such function. User errors (`ValueError`, `FileNotFoundError`:
-unknown model or task, missing dataset, seqlen too long) print one line on stderr and exit 1, without a traceback.
+Subcommands are functions registered with `@subcommand(arg(...), ...)`: the function's name (less `cmd_`)
+is the subcommand, its docstring the help, the `arg`s its options; it gets the parsed namespace and returns an
+exit code. A new subcommand (quantize, export, generate) is one such function. User errors (`ValueError`,
+`FileNotFoundError`: unknown model or task, missing dataset, seqlen too long) print one line on stderr and
+exit 1, without a traceback.
 
 `pq-ao eval --json out.json` writes (and rewrites after each task, so a long run keeps what finished):
 
     {"schema": 1, "command": "eval", "model": str, "dtype": "bf16"|"fp32", "seqlen": int, "limit": int|null,
-     "batch_size": int|null, "tasks": [str], "date": ISO-8601 UTC start, "complete": bool,
+     "batch_size": int|null, "tasks": [str], "device": str, "date": ISO-8601 UTC start, "complete": bool,
      "versions": {"torch", "transformers", "lm_eval", "python"}, "machine": {"platform", "cpus", "device"},
      "wall_seconds": {"load_model", "total"},
      "results": {"wikitext2": {"ppl", "nll", "n_windows", "n_tokens", "seqlen", "seconds"},
-                 "<zero-shot task>": {"acc", "acc_norm" (not winogrande, lambada), "ppl" (lambada), "<metric>_stderr",
-                                      "n", "seconds"}},
-     "summary": {"avg5": paper 5-task average (acc_norm; acc for winogrande) or null, "avg5_acc": plain acc or null}}
+                 "<zero-shot task>": {"acc", "acc_norm" (not winogrande, lambada), "ppl" (lambada),
+                                      "<metric>_stderr", "n", "seconds"}},
+     "summary": {"avg5": the paper's 5-task average (acc_norm; acc for winogrande) or null,
+                 "avg5_acc": the same with acc everywhere, or null}}
 
 Accuracies are fractions in [0, 1]; the wikitext2 perplexity is `results.wikitext2.ppl`.
 """
@@ -58,17 +60,18 @@ def subcommand(*args: tuple[tuple[str, ...], dict[str, Any]]):
 
 
 MODEL_ARGS = (
-    arg("--model", required=True, help="a known name (smollm2-135m, stories260k), a HF model dir, a .gguf file "
-        "or a hub id"),
-    arg("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and activations dtype (default bf16)"),
+    arg("--model", required=True,
+        help="a known name (smollm2-135m, stories260k), a HF model dir, a .gguf file or a hub id"),
+    arg("--dtype", choices=sorted(DTYPES), default="bf16", help="model dtype (default bf16)"),
+    arg("--device", default="cpu", help="torch device to run on (default cpu)"),
 )  # fmt: skip
 
 
-def resolve_model(name_or_dir: str, dtype: torch.dtype):
+def resolve_model(name_or_dir: str, dtype: torch.dtype, device: str = "cpu"):
     """(model, tokenizer) for a `--model` argument: the one place that maps the argument to a model."""
     from pq_ao.models import load_model
 
-    return load_model(name_or_dir, dtype=dtype)
+    return load_model(name_or_dir, dtype=dtype, device=device)
 
 
 def _parse_tasks(spec: str) -> list[str]:
@@ -101,8 +104,9 @@ def _write_json(path: Path, report: dict[str, Any]) -> None:
 
 @subcommand(
     *MODEL_ARGS,
-    arg("--tasks", default="wikitext2", help="comma-separated: wikitext2, piqa, arc_easy, arc_challenge, hellaswag, "
-        "winogrande, lambada_openai (default wikitext2)"),
+    arg("--tasks", default="wikitext2",
+        help="comma-separated: wikitext2, piqa, arc_easy, arc_challenge, hellaswag, winogrande, "
+        "lambada_openai (default wikitext2)"),
     arg("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)"),
     arg("--limit", type=int, help="at most this many perplexity windows / examples per zero-shot task"),
     arg("--batch-size", type=int, help="windows (default 1) or lm-eval requests (default 16) per forward"),
@@ -127,6 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "batch_size": args.batch_size,
         "tasks": tasks,
+        "device": args.device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
         "versions": _versions(),
@@ -140,9 +145,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.json is not None:
             _write_json(args.json, report)
 
-    model, tokenizer = resolve_model(args.model, DTYPES[args.dtype])
+    model, tokenizer = resolve_model(args.model, DTYPES[args.dtype], args.device)
     device = next(model.parameters()).device
-    report["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(device)}
+    report["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+    }
     report["wall_seconds"]["load_model"] = time.perf_counter() - start
     save()
     for t in (t for t in tasks if t in PPL_TASKS):
@@ -164,7 +173,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report["summary"] = {"avg5": zs["avg5"], "avg5_acc": zs["avg5_acc"]}
     report["complete"] = True
     save()
-    print(f"\n{args.model} ({args.dtype}, seqlen {args.seqlen}" + (f", limit {args.limit}" if args.limit else "") + ")")
+    limit = f", limit {args.limit}" if args.limit else ""
+    print(f"\n{args.model} ({args.dtype}, seqlen {args.seqlen}{limit})")
     print(format_table(report["results"], report["summary"]))
     if args.json is not None:
         print(f"results written to {args.json}")
@@ -172,7 +182,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pq-ao", description="PrefixQuant for torchao: quantize and evaluate LLMs")
+    parser = argparse.ArgumentParser(
+        prog="pq-ao", description="PrefixQuant for torchao: quantize and evaluate LLMs"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (fn, args) in _SUBCOMMANDS.items():
         doc = (fn.__doc__ or "").strip()

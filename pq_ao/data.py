@@ -1,15 +1,15 @@
 """Named evaluation and calibration datasets, and the calibration sampler.
 
-Resolution order for a dataset: `$PQ_AO_DATA_DIR`, then `shared_dir()/data`, then the HF hub through `datasets`
-(skipped when `HF_HUB_OFFLINE` or `HF_DATASETS_OFFLINE` is set). Local files use the layout of `shared/data`
-(see its SOURCES.md); the hub ids are the ones lm-eval's task configs load, so both give the same examples.
+Resolution order for a dataset: `$PQ_AO_DATA_DIR`, then `shared_dir()/data`, then the HF hub through
+`datasets` (skipped when `HF_HUB_OFFLINE` or `HF_DATASETS_OFFLINE` is set). Local files use the layout of
+`shared/data` (see its SOURCES.md); the hub ids are the ones lm-eval's task configs load: the same examples.
 
 What `load(name)` returns (plain Python, no `datasets` objects):
 - `wikitext2` / `wikitext2_valid`: one string, `"\\n\\n".join` of the HF rows of the test / validation split
   (GPTQ's and lm-eval's string; for the test split 1,294,336 characters).
 - `c4`, `wiki`: calibration text, a list of documents (strings).
-- `piqa`, `arc_easy`, `arc_challenge`, `hellaswag`, `winogrande`, `lambada_openai`: the split lm-eval scores, a list
-  of dict examples in the HF dataset's schema (the fields lm-eval's prompt templates read).
+- `piqa`, `arc_easy`, `arc_challenge`, `hellaswag`, `winogrande`, `lambada_openai`: the split lm-eval scores,
+  a list of dict examples in the HF dataset's schema (the fields lm-eval's prompt templates read).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def _wikitext_rows(path: Path) -> list[str]:
-    # HF's wikitext rows are the file's lines split on "\n" only, each keeping its "\n"; blank lines become "".
+    # HF's wikitext rows: the file's lines split on "\n" only, each keeping its "\n"; blank lines become "".
     text = path.read_text(encoding="utf-8")
     lines = text.split("\n")
     rows = [line + "\n" for line in lines[:-1]]
@@ -86,7 +86,9 @@ def _piqa(files: list[Path]) -> list[dict]:
     labels = [int(x) for x in files[1].read_text().split()]
     if len(labels) != len(docs):
         raise ValueError(f"{files[1]} has {len(labels)} labels for {len(docs)} examples in {files[0]}")
-    return [{"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": y} for d, y in zip(docs, labels)]
+    return [
+        {"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": y} for d, y in zip(docs, labels)
+    ]
 
 
 def _arc(files: list[Path]) -> list[dict]:
@@ -106,7 +108,8 @@ def _arc(files: list[Path]) -> list[dict]:
 
 
 def _hellaswag(files: list[Path]) -> list[dict]:
-    return [{**d, "label": str(d["label"])} for d in _jsonl(files[0])]  # HF Rowan/hellaswag stores labels as str
+    # HF Rowan/hellaswag stores labels as strings
+    return [{**d, "label": str(d["label"])} for d in _jsonl(files[0])]
 
 
 def _first_jsonl(files: list[Path]) -> list[dict]:
@@ -235,17 +238,18 @@ def _looked(name: str) -> str:
 
 
 def check_available(name: str) -> None:
-    """Fail early (`DatasetNotFoundError`) when `name` is not on disk and the hub is off; a no-op otherwise."""
+    """Fail early (`DatasetNotFoundError`) when `name` is not on disk and the hub is off; else a no-op."""
     if local_files(name) is None and hub_offline():
         raise DatasetNotFoundError(
             f"dataset {name!r} not found locally ({_looked(name)}) and the hub is off "
-            f"({' / '.join(OFFLINE_ENVS)} set). Put the files under ${DATA_ENV} or unset the offline variables."
+            f"({' / '.join(OFFLINE_ENVS)} set). Put the files under ${DATA_ENV} or unset the offline "
+            "variables."
         )
 
 
 def load(name: str) -> Any:
-    """Load a named dataset (see the module docstring for what each returns). Raises `ValueError` for an unknown
-    name and `DatasetNotFoundError` when it is not on disk and the hub is off or fails."""
+    """Load a named dataset (the module docstring says what each returns). Raises `ValueError` for an
+    unknown name and `DatasetNotFoundError` when it is not on disk and the hub is off or fails."""
     src = _source(name)
     paths = local_files(name)
     if paths is not None:
@@ -253,21 +257,24 @@ def load(name: str) -> Any:
     check_available(name)
     try:
         return src.read_hub()
-    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, HfHubHTTPError, ...)
+    except (
+        Exception
+    ) as e:  # datasets raises many types: ConnectionError, FileNotFoundError, HfHubHTTPError...
         raise DatasetNotFoundError(
-            f"dataset {name!r} not found locally ({_looked(name)}) and loading {src.hub} from the HF hub failed: "
-            f"{type(e).__name__}: {e}"
+            f"dataset {name!r} not found locally ({_looked(name)}) and loading {src.hub} from the HF hub "
+            f"failed: {type(e).__name__}: {e}"
         ) from e
 
 
 def calibration_tokens(
     tokenizer, name: str = "c4", n: int = 64, seqlen: int = 512, seed: int = 0
 ) -> torch.LongTensor:
-    """`n` random, non-overlapping windows of `seqlen` tokens of calibration text, as a `[n, seqlen]` LongTensor.
+    """`n` random, non-overlapping windows of `seqlen` tokens of calibration text: a `[n, seqlen]` LongTensor.
 
-    The documents are shuffled with `seed`, tokenized one by one without special tokens (`add_special_tokens=False`)
-    and joined by the tokens of "\\n\\n" until the stream holds twice the tokens needed (or the text runs out).
-    The window starts are uniform random among non-overlapping placements in that stream. Same seed, same tokens.
+    The documents are shuffled with `seed`, tokenized one by one without special tokens
+    (`add_special_tokens=False`) and joined by the tokens of "\\n\\n" until the stream holds twice the
+    tokens needed (or the text runs out). The window starts are uniform random among non-overlapping
+    placements in that stream. Same seed, same tokens.
     """
     if name not in CALIBRATION_DATASETS:
         raise ValueError(f"{name!r} is not calibration text; use one of {CALIBRATION_DATASETS}")
@@ -286,7 +293,8 @@ def calibration_tokens(
             break
     if len(stream) < need:
         raise ValueError(
-            f"calibration text {name!r} has {len(stream)} tokens, fewer than n * seqlen = {n} * {seqlen} = {need}"
+            f"calibration text {name!r} has {len(stream)} tokens, "
+            f"fewer than n * seqlen = {n} * {seqlen} = {need}"
         )
     slack = len(stream) - need
     offsets = sorted(rng.randint(0, slack) for _ in range(n))

@@ -1,12 +1,12 @@
 """GPTQ-style perplexity: WikiText-2 test as one string, non-overlapping windows, the tail dropped.
 
-The text is tokenized once with `add_special_tokens=False`: no BOS anywhere. A model carrying a PrefixQuant prefix
-has its BOS inside the prefix (kept as KV in its attention modules), so a prefix model and a plain model are scored
-on exactly the same tokens. The model is called as `model(input_ids=batch, use_cache=False).logits`, nothing else:
-no attention mask, no cache.
+The text is tokenized once with `add_special_tokens=False`: no BOS anywhere. A model carrying a PrefixQuant
+prefix has its BOS inside the prefix (kept as KV in its attention modules), so a prefix model and a plain
+model are scored on exactly the same tokens. The model is called as
+`model(input_ids=batch, use_cache=False).logits`, nothing else: no attention mask, no cache.
 
-Every window of `seqlen` tokens predicts its last `seqlen - 1` tokens; ppl = exp(mean NLL over all predicted tokens),
-the NLL taken in fp32 from `log_softmax(logits.float())`, a chunk of positions at a time to bound memory.
+Every window of `seqlen` tokens predicts its last `seqlen - 1` tokens; ppl = exp(mean NLL over all predicted
+tokens), the NLL taken in fp32 from `log_softmax(logits.float())`, a chunk of positions at a time (memory).
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ def perplexity(
     """Perplexity of `model` on a text dataset of `pq_ao.data` (`wikitext2` or `wikitext2_valid`)."""
     text = data.load(dataset)
     if not isinstance(text, str):
-        raise ValueError(f"perplexity needs a single-text dataset (wikitext2, wikitext2_valid), got {dataset!r}")
+        raise ValueError(
+            f"perplexity needs a single-text dataset (wikitext2, wikitext2_valid), got {dataset!r}"
+        )
     windows = window_tokens(tokenizer, text, seqlen, max_windows)
     device = next(model.parameters()).device
     start = time.perf_counter()

@@ -2,9 +2,10 @@
 
 Each task is an lm-eval task config dict whose `custom_dataset` serves the examples of `pq_ao.data.load(task)`
 (local files first, then the same hub dataset lm-eval's built-in task reads). The prompts are lm-eval 0.4.13's
-own: the templates below are those of its bundled task yamls, and hellaswag and winogrande call the preprocessing
-functions bundled with lm-eval itself. Scoring is lm-eval's (loglikelihood of each choice; `acc_norm` divides by the
-choice's length in bytes; winogrande uses partial scoring: the shared continuation under each filled-in context).
+own: the templates below are those of its bundled task yamls, and hellaswag and winogrande call the
+preprocessing functions bundled with lm-eval itself. Scoring is lm-eval's (loglikelihood of each choice;
+`acc_norm` divides by the choice's length in bytes; winogrande uses partial scoring: the shared continuation
+under each filled-in context).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def task_config(task: str, limit: int | None = None) -> dict[str, Any]:
 
 
 def build_task(task: str, limit: int | None = None):
-    """The lm-eval `Task` for `task`, its examples loaded (raises `DatasetNotFoundError` if they are missing)."""
+    """The lm-eval `Task` for `task`, its examples loaded (`DatasetNotFoundError` if they are missing)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_defaults=False).load(task_config(task, limit))["tasks"][task]
@@ -105,7 +106,7 @@ def build_task(task: str, limit: int | None = None):
 
 def paper_average(per_task: dict[str, dict[str, Any]]) -> tuple[float | None, float | None]:
     """(PrefixQuant's 5-task average: acc_norm for piqa/arc_easy/arc_challenge/hellaswag, acc for winogrande;
-    the same with plain acc everywhere), both in [0, 1]; (None, None) unless all five tasks are in `per_task`."""
+    the same with plain acc everywhere), both in [0, 1]; (None, None) unless all five are in `per_task`."""
     if not all(t in per_task for t in PAPER_TASKS):
         return None, None
     return (
@@ -123,11 +124,12 @@ def evaluate(
     bootstrap_iters: int = 1000,
     on_task: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Zero-shot eval of an in-memory HF causal LM, one `simple_evaluate` per task (`on_task(task, metrics)` is
-    called after each, e.g. to save partial results of a long run).
+    """Zero-shot eval of an in-memory HF causal LM, one `simple_evaluate` per task (`on_task(task, metrics)`
+    is called after each, e.g. to save partial results of a long run).
 
     Returns `{"tasks": {task: {"acc", "acc_norm" (where lm-eval has it), "ppl" (lambada), their "_stderr"s,
-    "n", "seconds"}}, "avg5", "avg5_acc" (see `paper_average`), "limit", "seconds"}`. Accuracies are in [0, 1].
+    "n", "seconds"}}, "avg5", "avg5_acc" (see `paper_average`), "limit", "seconds"}`. Accuracies are in
+    [0, 1].
     `bootstrap_iters` only matters for lambada's ppl stderr (accuracy stderrs are closed-form).
     """
     import lm_eval
