@@ -77,6 +77,7 @@ def time_calls(calls, graph: bool = True) -> tuple[float, bool]:
             return ms / len(calls), True
         except Exception as e:  # noqa: BLE001
             log("graph capture failed, timing eagerly:", type(e).__name__, str(e)[:200])
+            _GEN[0] = None
             torch.cuda.synchronize()
 
     def run_all():
@@ -90,16 +91,30 @@ def time_calls(calls, graph: bool = True) -> tuple[float, bool]:
 # data
 
 
+_GEN = [None]
+
+
+def gen():
+    """Data generator, replaced after a failed graph capture (which can leave the default CUDA RNG unusable)."""
+    if _GEN[0] is None:
+        _GEN[0] = torch.Generator(device="cuda").manual_seed(int(time.time()))
+    return _GEN[0]
+
+
 def rand_packed(rows, k, dev):
-    return torch.randint(0, 256, (rows, k // 2), dtype=torch.uint8, device=dev)
+    return torch.randint(0, 256, (rows, k // 2), dtype=torch.uint8, device=dev, generator=gen())
 
 
 def rand_int8(rows, k, dev, lo=-128, hi=128):
-    return torch.randint(lo, hi, (rows, k), dtype=torch.int8, device=dev)
+    return torch.randint(lo, hi, (rows, k), dtype=torch.int8, device=dev, generator=gen())
 
 
 def act(m, k, dev):
-    return torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    return torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=gen())
+
+
+def randf(*shape, dev="cuda"):
+    return torch.rand(*shape, device=dev, generator=gen())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,8 +140,8 @@ def ceilings(dev):
     out["int8_int_mm_TOPs"] = 2 * s**3 / ms / 1e9
     x8 = x.to(torch.float8_e4m3fn)
     y8 = y.to(torch.float8_e4m3fn)
-    sa = torch.rand(s, 1, device=dev) + 0.5
-    sb = torch.rand(1, s, device=dev) + 0.5
+    sa = randf(s, 1) + 0.5
+    sb = randf(1, s) + 0.5
     ms = do_bench(lambda: torch._scaled_mm(x8, y8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16),
                   warmup=20, rep=100, return_mode="median")
     out["fp8_scaled_mm_TFLOPs"] = 2 * s**3 / ms / 1e9
@@ -138,7 +153,7 @@ def ceilings(dev):
 
 
 def _ours(m, n, k, dev, a_bits, w_bits, quantize, cfg_for, dynamic=False):
-    ws = torch.rand(n, device=dev) * 0.01 + 1e-3
+    ws = randf(n) * 0.01 + 1e-3
     kb_w = k // 2 if w_bits == 4 else k
     kb_a = k // 2 if a_bits == 4 else k
     per_call = n * kb_w + m * (2 * k if quantize else kb_a) + m * n * 2
@@ -154,13 +169,16 @@ def _ours(m, n, k, dev, a_bits, w_bits, quantize, cfg_for, dynamic=False):
                 def f(x=x, wq=wq):
                     q, s = tk.quantize_dynamic(x, a_bits)
                     return int_linear_with_config(q, s, wq, ws, None, a_bits, w_bits, torch.bfloat16, cfg)
+            elif m <= 4 and dp4a_supported(k, a_bits, w_bits):
+                def f(x=x, wq=wq, xs=xs):  # decode: one kernel, quantization in the GEMV (pick_config's GEMV)
+                    return tk.static_linear(x, xs, wq, ws, None, a_bits, w_bits, torch.bfloat16)
             else:
                 def f(x=x, wq=wq, xs=xs):
                     q = tk.quantize_static(x, xs, a_bits)
                     return int_linear_with_config(q, xs, wq, ws, None, a_bits, w_bits, torch.bfloat16, cfg)
         else:
             xq = rand_packed(m, k, dev) if a_bits == 4 else rand_int8(m, k, dev)
-            xs = torch.rand(1, device=dev) * 0.1 + 0.01
+            xs = randf(1) * 0.1 + 0.01
 
             def f(xq=xq, wq=wq, xs=xs):
                 return int_linear_with_config(xq, xs, wq, ws, None, a_bits, w_bits, torch.bfloat16, cfg)
@@ -173,7 +191,7 @@ def m_bf16(m, n, k, dev, cfg_for):
     per_call = 2 * (n * k + m * k + m * n)
     calls = []
     for _ in range(rotations(per_call)):
-        x, w = act(m, k, dev), torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        x, w = act(m, k, dev), torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen()) * 0.02
         calls.append(lambda x=x, w=w: F.linear(x, w))
     return calls, per_call, "cuBLAS"
 
@@ -182,11 +200,11 @@ def m_int_mm(m, n, k, dev, cfg_for):
     if m <= 16:
         raise RuntimeError("torch._int_mm needs M > 16")
     per_call = n * k + m * k + m * n * 2
-    ws = torch.rand(1, n, device=dev) * 0.01
+    ws = randf(1, n) * 0.01
     calls = []
     for _ in range(rotations(per_call)):
         xq, wq = rand_int8(m, k, dev), rand_int8(n, k, dev)
-        xs = torch.rand(m, 1, device=dev) * 0.01
+        xs = randf(m, 1) * 0.01
         calls.append(lambda xq=xq, wq=wq, xs=xs: (torch._int_mm(xq, wq.t()).float() * xs * ws).to(torch.bfloat16))
     return calls, per_call, "_int_mm + scale epilogue (torch ops)"
 
@@ -196,10 +214,10 @@ def m_fp8(m, n, k, dev, cfg_for):
     calls = []
     mp = max(16, m)  # _scaled_mm wants M a multiple of 16 on some versions: pad
     for _ in range(rotations(per_call)):
-        x8 = torch.randn(mp, k, device=dev).to(torch.float8_e4m3fn)
-        w8 = torch.randn(n, k, device=dev).to(torch.float8_e4m3fn)
-        sa = torch.rand(mp, 1, device=dev) + 0.5
-        sb = torch.rand(1, n, device=dev) + 0.5
+        x8 = torch.randn(mp, k, device=dev, generator=gen()).to(torch.float8_e4m3fn)
+        w8 = torch.randn(n, k, device=dev, generator=gen()).to(torch.float8_e4m3fn)
+        sa = randf(mp, 1) + 0.5
+        sb = randf(1, n) + 0.5
         calls.append(lambda x8=x8, w8=w8, sa=sa, sb=sb: torch._scaled_mm(x8, w8.t(), scale_a=sa, scale_b=sb,
                                                                          out_dtype=torch.bfloat16))
     return calls, per_call, "rowwise, pre-quantized" + (f", M padded to {mp}" if mp != m else "")
@@ -215,7 +233,7 @@ def m_torchao(m, n, k, dev, cfg_for):
         quantize_(lin, Int8DynamicActivationInt8WeightConfig())
         x = act(m, k, dev)
         calls.append(lambda lin=lin, x=x: lin(x))
-    return calls, per_call, "eager, per-token dynamic int8 act, _int_mm"
+    return calls, per_call, "eager (not graph-capturable), per-token dynamic int8 act, _int_mm"
 
 
 METHODS = {
@@ -462,7 +480,7 @@ def main():
                 row = dict(n=n, k=k, m=m, method=meth)
                 try:
                     calls, per_call, note = METHODS[meth](m, n, k, dev, cfg_for)
-                    ms_t, graphed = time_calls(calls)
+                    ms_t, graphed = time_calls(calls, graph=(meth != "torchao_int8dyn"))
                     del calls
                     row.update(us=ms_t * 1e3, tops=2 * m * n * k / ms_t / 1e9, note=note, graph=graphed,
                                gbps=per_call / ms_t / 1e6)

@@ -15,7 +15,7 @@ export PYTHONPATH=/tmp/site:$PWD
   python3 -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)'; } 2>&1 | tee "$OUT/env.txt"
 STAGES=${STAGES:-tests,kernels,linear}
 if [[ $STAGES == *tests* ]]; then
-  echo "== GPU tests"; timeout ${TEST_S:-170} python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/triton \
+  echo "== GPU tests"; timeout ${TEST_S:-170} python3 -m pytest -q -p no:cacheprovider -n 12 tests/kernels/triton \
     --maxfail=30 ${TEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1; tail -40 "$OUT/gpu_tests.log"
 fi
 if [[ $STAGES == *kernels* ]]; then

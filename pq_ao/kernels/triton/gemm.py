@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_out, dp4a, interpreting, unpack_int4_x16
+from ._common import cast_out, dp4a, interpreting, qrange, quantize_values, unpack_int4_x16
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,8 @@ def _int_linear_kernel(
         if A_BITS == 4 and W_BITS == 4 and SPLIT_NIBBLES:
             a_lo, a_hi = unpack_int4_x16(a, ASM)
             w_lo, w_hi = unpack_int4_x16(w, ASM)
-            acc = tl.dot(a_lo, w_lo, acc)
-            acc = tl.dot(a_hi, w_hi, acc)
+            acc = tl.dot(a_lo, w_lo, acc, out_dtype=tl.int32)
+            acc = tl.dot(a_hi, w_hi, acc, out_dtype=tl.int32)
         else:
             if A_BITS == 4:
                 a_lo, a_hi = unpack_int4_x16(a, ASM)
@@ -123,7 +123,7 @@ def _int_linear_kernel(
                 w_op = _interleave_k(w_lo, w_hi, 0)
             else:
                 w_op = w
-            acc = tl.dot(a_op, w_op, acc)
+            acc = tl.dot(a_op, w_op, acc, out_dtype=tl.int32)
 
     _finish(acc, pid, offs_m, offs_n, xs_ptr, ws_ptr, b_ptr, out_ptr, ws_acc_ptr, ws_cnt_ptr, stride_om, stride_xs,
             M, N, NUM_SPLITS, A_BITS, W_BITS, HAS_BIAS, PER_TOKEN, SPLIT_K, INTERP)
@@ -162,6 +162,27 @@ def _odd_bytes(x0, x1):
     return ((x0 >> 8) & 0xFF) | ((x0 >> 16) & 0xFF00) | ((x1 << 8) & 0xFF0000) | (x1 & -16777216)
 
 
+@triton.jit
+def _quantized_words(x_ptr, xs_ptr, rows_x, stride_xm, kw0, KW, BLOCK_M: tl.constexpr, BKW: tl.constexpr,
+                     A_BITS: tl.constexpr, W_BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """Float activations for weight words kw0 .. kw0 + BKW -> dp4a words of their quantized values, matching the
+    weight words: W4 words hold k = 8w + (0, 2, 4, 6) (lo) / 8w + (1, 3, 5, 7) (hi); W8 words k = 4w + (0..3)."""
+    VALS: tl.constexpr = 8 if W_BITS == 4 else 4  # k values per weight word
+    offs_k = kw0 * VALS + tl.arange(0, BKW * VALS)
+    xv = tl.load(x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :], mask=offs_k[None, :] < KW * VALS, other=0.0)
+    q = quantize_values(xv.to(tl.float32), tl.load(xs_ptr), QMIN, QMAX)
+    if A_BITS == 4:
+        q = q * 16  # the x16 form of the weight words
+    q = q & 0xFF
+    lane_shift = (tl.arange(0, 4) * 8)[None, None, :]
+    if W_BITS == 4:
+        q_even, q_odd = tl.split(tl.reshape(q, (BLOCK_M, BKW, 4, 2)))
+        return tl.sum(q_even << lane_shift, axis=2), tl.sum(q_odd << lane_shift, axis=2)
+    else:
+        words = tl.sum(tl.reshape(q, (BLOCK_M, BKW, 4)) << lane_shift, axis=2)
+        return words, words
+
+
 @triton.jit(do_not_specialize=["M", "NUM_SPLITS"])
 def _int_gemv_kernel(
     x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, ws_acc_ptr, ws_cnt_ptr,
@@ -169,10 +190,13 @@ def _int_gemv_kernel(
     stride_xm, stride_wn, stride_om, stride_xs,
     A_BITS: tl.constexpr, W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_TOKEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    INTERP: tl.constexpr,
+    INTERP: tl.constexpr, QUANT_X: tl.constexpr = False, QMIN: tl.constexpr = 0, QMAX: tl.constexpr = 0,
 ):
     """x_ptr / w_ptr are int32 views of the operands; KW = int32 words per weight row. Each program: BLOCK_N
-    weight rows x all (<= BLOCK_M) activation rows over one K split, in [BLOCK_M, BLOCK_N, words] dp4a lanes."""
+    weight rows x all (<= BLOCK_M) activation rows over one K split, in [BLOCK_M, BLOCK_N, words] dp4a lanes.
+
+    QUANT_X: x_ptr is the float activation [M, K] itself (stride_xm in elements), quantized here with the static
+    scale xs_ptr[0] exactly as `quantize_static` does, and packed into dp4a words in registers."""
     ASM: tl.constexpr = not INTERP
     BKW: tl.constexpr = BLOCK_K // 8 if W_BITS == 4 else BLOCK_K // 4  # weight words per row per step
     MASK: tl.constexpr = -252645136  # 0xF0F0F0F0
@@ -190,10 +214,15 @@ def _int_gemv_kernel(
         kmask = offs_kw < kw_end
         w = tl.load(w_ptr + rows_w[:, None] * stride_wn + offs_kw[None, :], mask=kmask[None, :], other=0)
         w = w[None, :, :]
+        if QUANT_X:
+            x_lo, x_hi = _quantized_words(x_ptr, xs_ptr, rows_x, stride_xm, kw0, KW, BLOCK_M, BKW, A_BITS, W_BITS,
+                                          QMIN, QMAX)
         if W_BITS == 4:
             w_lo = (w << 4) & MASK
             w_hi = w & MASK
-            if A_BITS == 4:
+            if QUANT_X:
+                pass
+            elif A_BITS == 4:
                 x = tl.load(x_ptr + rows_x[:, None] * stride_xm + offs_kw[None, :], mask=kmask[None, :], other=0)
                 x_lo = (x << 4) & MASK
                 x_hi = x & MASK
@@ -208,7 +237,10 @@ def _int_gemv_kernel(
             acc = dp4a(tl.broadcast_to(w_hi, (BLOCK_M, BLOCK_N, BKW)),
                        tl.broadcast_to(x_hi[:, None, :], (BLOCK_M, BLOCK_N, BKW)), acc, ASM)
         else:
-            x = tl.load(x_ptr + rows_x[:, None] * stride_xm + offs_kw[None, :], mask=kmask[None, :], other=0)
+            if QUANT_X:
+                x = x_lo
+            else:
+                x = tl.load(x_ptr + rows_x[:, None] * stride_xm + offs_kw[None, :], mask=kmask[None, :], other=0)
             acc = dp4a(tl.broadcast_to(w, (BLOCK_M, BLOCK_N, BKW)),
                        tl.broadcast_to(x[:, None, :], (BLOCK_M, BLOCK_N, BKW)), acc, ASM)
     _finish(tl.sum(acc, axis=2), pid_n, offs_m, offs_n, xs_ptr, ws_ptr, b_ptr, out_ptr, ws_acc_ptr, ws_cnt_ptr,
@@ -260,7 +292,7 @@ def gemv_config(M: int, N: int, K: int, w_bits: int, block_n: int = 32, block_k:
                 num_stages: int = 4, split_k: int = 0) -> GemmConfig:
     block_m = 1 if M <= 1 else (2 if M <= 2 else (4 if M <= 4 else 8))
     block_k = block_k or (512 if w_bits == 4 else 256)
-    split = split_k or _split_for(triton.cdiv(N, block_n), triton.cdiv(K, block_k), 2, 8)
+    split = split_k or _split_for(triton.cdiv(N, block_n), triton.cdiv(K, block_k), 2, 3)
     return GemmConfig(block_m, block_n, block_k, num_warps, num_stages, group_m=1, split_k=split, kind="dp4a")
 
 
@@ -334,18 +366,7 @@ def int_linear_with_config(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_d
     if cfg.kind == "dp4a":
         if not dp4a_supported(K, a_bits, w_bits) or M > cfg.block_m:
             raise ValueError(f"dp4a GEMV needs K % 8 == 0, W4A4/W4A8/W8A8 and M <= {cfg.block_m}: {cfg}")
-        xw, ww = x2.view(torch.int32), w2.view(torch.int32)
-        KW = ww.shape[1]
-        step = cfg.block_k // (8 if w_bits == 4 else 4)
-        kw_per_split = triton.cdiv(triton.cdiv(KW, step), cfg.split_k) * step
-        split = triton.cdiv(KW, kw_per_split)
-        tiles = triton.cdiv(N, cfg.block_n)
-        ws_acc, ws_cnt = _workspace(split, M, N, tiles, out)
-        kw["SPLIT_K"] = split > 1
-        torch.library.wrap_triton(_int_gemv_kernel)[(tiles, split)](
-            xw, ww, xs, ws, b, out, ws_acc, ws_cnt, M, N, KW, kw_per_split, split,
-            xw.stride(0), ww.stride(0), out.stride(0), 1, **flags, **kw,
-        )
+        _launch_gemv(x2.view(torch.int32), xs, w2, ws, b, out, M, N, K, cfg, flags, kw)
     else:
         tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
         k_per_split = triton.cdiv(triton.cdiv(K, cfg.block_k), cfg.split_k) * cfg.block_k
@@ -358,6 +379,25 @@ def int_linear_with_config(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_d
             EVEN_K=(K % cfg.block_k == 0), **flags, **kw,
         )
     return out.reshape(*lead, N)
+
+
+def _launch_gemv(x_op, xs, w2, ws, b, out, M, N, K, cfg, flags, kw, quant_x=None):
+    """dp4a GEMV launch. x_op: int32 view of the quantized activations, or (quant_x = (qmin, qmax)) the float
+    activations themselves, quantized in the kernel."""
+    ww = w2.view(torch.int32)
+    KW = ww.shape[1]
+    step = cfg.block_k // (8 if flags["W_BITS"] == 4 else 4)
+    kw_per_split = triton.cdiv(triton.cdiv(KW, step), cfg.split_k) * step
+    split = triton.cdiv(KW, kw_per_split)
+    tiles = triton.cdiv(N, cfg.block_n)
+    ws_acc, ws_cnt = _workspace(split, M, N, tiles, out)
+    kw = dict(kw, SPLIT_K=split > 1)
+    if quant_x is not None:
+        kw.update(QUANT_X=True, QMIN=quant_x[0], QMAX=quant_x[1])
+    torch.library.wrap_triton(_int_gemv_kernel)[(tiles, split)](
+        x_op, ww, xs, ws, b, out, ws_acc, ws_cnt, M, N, KW, kw_per_split, split,
+        x_op.stride(0), ww.stride(0), out.stride(0), 1, **flags, **kw,
+    )
 
 
 def _workspace(split: int, M: int, N: int, tiles: int, out: torch.Tensor):
@@ -384,3 +424,44 @@ def int_linear(
     wq: [N, K] int8 (w_bits=8) or [N, K // 2] packed uint8 (w_bits=4); w_scale: [N] fp32; bias: [N] or None.
     """
     return int_linear_with_config(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype, None)
+
+
+def static_linear(
+    x: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_bits: int,
+    w_bits: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`int_linear(quantize_static(x, x_scale, a_bits), x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)`,
+    the same integers and outputs, from float activations x [..., K]. For decode (M <= 4 rows, W4A4/W4A8/W8A8,
+    K % 8 == 0) it is one kernel: the GEMV quantizes its slice of x in registers; otherwise two launches."""
+    from .quant import quantize_static
+
+    K = x.shape[-1]
+    lead = x.shape[:-1]
+    M = x.numel() // K if K else 0
+    if not (0 < M <= 4 and dp4a_supported(K, a_bits, w_bits)) or x_scale.numel() != 1:
+        return int_linear(quantize_static(x, x_scale, a_bits), x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
+    if wq.dtype != (torch.uint8 if w_bits == 4 else torch.int8) or x_scale.dim() == 0 or w_scale.dim() == 0:
+        raise ValueError(f"wq must be {'packed uint8' if w_bits == 4 else 'int8'} (got {wq.dtype}); scales must "
+                         "not be 0-d (AOTInductor rejects 0-d tensor args)")
+    x2 = x.reshape(M, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w2 = wq if wq.stride(-1) == 1 else wq.contiguous()
+    if w2.shape[-1] * (2 if w_bits == 4 else 1) != K:
+        raise ValueError(f"K mismatch: activations have K={K}, weights {tuple(w2.shape)} at {w_bits} bits")
+    N = w2.shape[0]
+    out = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    xs = x_scale.reshape(1).float()
+    ws = w_scale.reshape(-1).float()
+    cfg = pick_config(M, N, K, a_bits, w_bits)
+    has_bias = bias is not None
+    flags = dict(A_BITS=a_bits, W_BITS=w_bits, HAS_BIAS=has_bias, PER_TOKEN=False, INTERP=interpreting())
+    _launch_gemv(x2, xs, w2, ws, bias if has_bias else ws, out, M, N, K, cfg, flags, cfg.as_kwargs(),
+                 quant_x=qrange(a_bits))
+    return out.reshape(*lead, N)

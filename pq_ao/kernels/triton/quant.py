@@ -131,11 +131,13 @@ def quantize_dynamic(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     else:
         out = torch.empty((M, K), dtype=torch.int8, device=x.device)
     scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
-    block_k = max(16, min(next_pow2(K), 2048))
+    # the whole row in one block up to K = 16384 (one load per pass: no serial latency chain at small M)
+    block_k = max(16, min(next_pow2(K), 16384))
     block_m = max(1, min(4, 4096 // block_k))
+    warps = 8 if block_k >= 8192 else 4
     grid = (triton.cdiv(M, block_m),)
     torch.library.wrap_triton(_quantize_dynamic_kernel)[grid](
         x2, out, scale, M, K, x2.stride(0), out.stride(0),
-        BITS=bits, QMIN=qmin, QMAX=qmax, EPS=quant_math.ABSMAX_EPS, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+        BITS=bits, QMIN=qmin, QMAX=qmax, EPS=quant_math.ABSMAX_EPS, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
     )
     return out.reshape(*x.shape[:-1], out.shape[-1]), scale.reshape(*x.shape[:-1], 1)

@@ -117,3 +117,35 @@ def test_int_linear_extreme_values(device):
         one = torch.ones(1, device=device)
         y = tk.int_linear(xq, one, wq, torch.ones(16, device=device), None, a_bits, w_bits, torch.float64)
         assert torch.equal(y, torch.full_like(y, float(k * qa * qw))), (a_bits, w_bits)
+
+
+CPU_STATIC = [(1, 40, 264), (3, 24, 520), (5, 24, 264), (2, 24, 70)]  # the last two: unfused fallback
+GPU_STATIC = [(m, n, k) for (n, k) in LLAMA for m in (1, 2, 4)] + [(5, 4096, 4096), (1, 1000, 1030), (64, 1024, 4096)]
+
+
+@pytest.mark.parametrize("device,shape", cases(CPU_STATIC, GPU_STATIC))
+@pytest.mark.parametrize("a_bits,w_bits", [(4, 4), (8, 4), (8, 8)])
+def test_static_linear_matches_quantize_then_linear(device, shape, a_bits, w_bits):
+    """Float activations in: the decode GEMV quantizes in registers; same integers as quantize_static + int_linear."""
+    m, n, k = shape
+    gen = torch.Generator().manual_seed(3 * a_bits + w_bits + m + n + k)
+    x = (torch.randn(m, k, generator=gen) * 2).to(torch.bfloat16).to(device)
+    x_scale = torch.tensor([float(x.float().abs().max()) / (7.5 if a_bits == 4 else 127.5)], device=device)
+    x_scale = x_scale * 0.7  # some clipping
+    wq = _operand(n, k, w_bits, device, gen)
+    ones = torch.ones(n, device=device)
+    xq = reference.quantize_static(x, x_scale, a_bits)
+    # integers: unit weight scales, fp32 out, x_scale folded out by comparing to the reference with the same scale
+    want = reference.int_linear(xq, x_scale, wq, ones, None, a_bits, w_bits, torch.float32)
+    poison(device, m * n * 4)
+    got = tk.static_linear(x, x_scale, wq, ones, None, a_bits, w_bits, torch.float32)
+    assert_one_rounding(got, want, f"static_linear W{w_bits}A{a_bits} {m}x{n}x{k}")
+    acc_got = got.double() / float(x_scale)
+    acc_want = want.double() / float(x_scale)
+    assert torch.allclose(acc_got.round(), acc_want.round()), "integer sums differ"
+    w_scale = (torch.rand(n, generator=gen) * 0.01 + 1e-3).to(device)
+    bias = torch.randn(n, generator=gen).to(device)
+    ref32 = reference.int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, torch.float32)
+    y = tk.static_linear(x, x_scale, wq, w_scale, bias, a_bits, w_bits, torch.bfloat16)
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert_one_rounding(y, ref32, f"static_linear W{w_bits}A{a_bits} {m}x{n}x{k} bf16")
