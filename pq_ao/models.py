@@ -1,7 +1,8 @@
 """Model resolution: names we ship or know, local HF directories, hub ids and GGUF files.
 
 `load_model(name_or_path) -> (model, tokenizer)` always returns a plain HF causal LM (never a GGUF-flagged one,
-which refuses `save_pretrained`), in eval mode, with `model.pq_ao_source` naming where it came from.
+which refuses `save_pretrained`), in eval mode, with `model.pq_ao_source` naming where it came from and
+`model.pq_ao_tokenizer` its tokenizer.
 """
 
 from __future__ import annotations
@@ -131,4 +132,5 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.bfloat16, device: s
         )
     model = model.to(device).eval()
     model.pq_ao_source = str(name_or_path)
+    model.pq_ao_tokenizer = tok  # found again by quantize_ when no calibration ids are given
     return model, tok
