@@ -159,8 +159,10 @@ class BlockCalibrator:
             s0 = quant_math.scale_from_absmax(absmax, cfg.a_bits) if static else None
             for lin in bs.linears(site):
                 clip = weight_clip(lin.weight.detach(), grams[id(lin)], cfg.w_bits) if cfg.grid_search else None
+                dynamic = cfg.act_mode == "dynamic" and cfg.a_bits < 16
                 new = quantize_linear(
-                    lin, w_bits=cfg.w_bits, a_bits=cfg.a_bits, act_mode=cfg.act_mode, act_scale=s0, clip=clip
+                    lin, w_bits=cfg.w_bits, a_bits=cfg.a_bits, act_mode=cfg.act_mode, act_scale=s0, clip=clip,
+                    act_clip=1.0 if dynamic else None,
                 )
                 if new is not lin:  # an HadamardLinear (R4) became a plain Linear with R4 in its weight
                     replace_child(bs.mlp, lin, new)
@@ -231,14 +233,15 @@ class BlockCalibrator:
         if cfg.a_bits >= 16:
             return {}
         chosen = {}
+        field = "act_scale" if cfg.act_mode == "static" else "act_clip"  # what the clip factor multiplies
         for site in SITES:
             lins = bs.linears(site)
-            base = [lin.weight.act_scale.clone() for lin in lins]
+            base = [getattr(lin.weight, field).clone() for lin in lins]
             cap = self._capture(bs, x, kwargs) if site != "qkv" else {}
 
             def objective(a: float) -> float:
                 for lin, b in zip(lins, base):
-                    lin.weight.act_scale.copy_(b * a)
+                    getattr(lin.weight, field).copy_(b * a)
                 return _mse(self._tail(bs, site, x, kwargs, cap), y)
 
             if not cfg.grid_search:
@@ -253,7 +256,7 @@ class BlockCalibrator:
             else:
                 best = _argmin([objective(a) for a in DYNAMIC_GRID], DYNAMIC_GRID)
             for lin, b in zip(lins, base):
-                lin.weight.act_scale.copy_(b * best)
+                getattr(lin.weight, field).copy_(b * best)
             chosen[site] = best
         return chosen
 

@@ -65,10 +65,12 @@ def hadamard_quantize_static(x: torch.Tensor, had_k: torch.Tensor, scale: torch.
 
 
 @torch.library.triton_op("pq_ao::quantize_dynamic", mutates_args=())
-def quantize_dynamic(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_dynamic(
+    x: torch.Tensor, bits: int, clip: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     if _on_cuda(x) and _triton_quantize_dynamic is not None:
-        return _triton_quantize_dynamic(x, bits)
-    return reference.quantize_dynamic(x, bits)
+        return _triton_quantize_dynamic(x, bits, clip)
+    return reference.quantize_dynamic(x, bits, clip)
 
 
 @torch.library.triton_op("pq_ao::int_linear", mutates_args=())

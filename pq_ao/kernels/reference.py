@@ -107,12 +107,17 @@ def hadamard_quantize_static(x: torch.Tensor, had_k: torch.Tensor, scale: torch.
     return _pack(quant_math.quantize(y, scale, bits), bits)
 
 
-def quantize_dynamic(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token quantization: `scale = per_token_scale(x)` `[..., 1]` fp32, q as in quantize_static."""
+def quantize_dynamic(
+    x: torch.Tensor, bits: int, clip: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token quantization: `scale = per_token_scale(x, clip)` `[..., 1]` fp32 (clip: fp32 `[1]`, the
+    clip factor on each token's absmax, default 1), q as in quantize_static."""
     quant_math.check_bits(bits)
     _check_float(x, "x")
     _check_even(x.shape[-1], bits, "last dim")
-    scale = quant_math.per_token_scale(x, bits)
+    if clip is not None:
+        _check_scale(clip, "clip", ((1,),))
+    scale = quant_math.per_token_scale(x, bits, 1.0 if clip is None else clip)
     return _pack(quant_math.quantize(x, scale, bits), bits), scale
 
 

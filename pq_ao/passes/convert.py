@@ -21,6 +21,7 @@ def quantize_linear(
     act_mode: str,
     act_scale: torch.Tensor | None = None,
     clip: torch.Tensor | None = None,
+    act_clip: float | None = None,
 ) -> nn.Linear:
     """Quantize `linear` (an `nn.Linear`, or an `HadamardLinear` whose R4 moves into the weight). Returns the module
     to use: `linear` itself, or a plain `nn.Linear` replacing an `HadamardLinear` (see `replace_child`)."""
@@ -33,6 +34,7 @@ def quantize_linear(
         act_scale=act_scale,
         had_k=had_k,
         clip=clip,
+        act_clip=act_clip,
     )
     if had_k is not None:
         plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")

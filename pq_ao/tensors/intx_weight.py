@@ -4,8 +4,9 @@ linear's input is quantized, so that `F.linear(x, w, b)` runs the integer kernel
 Invariants:
 - `qdata` is packed uint8 `[N, K // 2]` (w_bits 4) or int8 `[N, K]` (w_bits 8); `scale` is fp32 `[N]`;
   the logical tensor is `dequantize() = qdata * scale[:, None]`, shape `[N, K]`, dtype `dtype`.
-- `act_mode` "static": `act_scale` is fp32 `[1]`; "dynamic": per-token scales at run time; "none" (a_bits 16):
-  weight-only, x meets the dequantized weight.
+- `act_mode` "static": `act_scale` is fp32 `[1]`; "dynamic": per-token scales at run time, times the optional
+  clip factor `act_clip` (fp32 `[1]`, from the grid search); "none" (a_bits 16): weight-only, x meets the
+  dequantized weight.
 - `had_k` (K_h x K_h, K = K_h * 2**m): the input is first rotated by the orthonormal online Hadamard
   `x @ (had_k (kron) H_{2^m}).T / sqrt(K)`; the weight is expected to be rotated to match already (the rotation
   pass does that), this class never rotates it.
@@ -43,21 +44,22 @@ def _check_config(w_bits: int, a_bits: int, act_mode: str) -> None:
 class IntxLinearWeight(TorchAOBaseTensor):
     """Per-output-channel symmetric int4/int8 linear weight with static/dynamic/no activation quantization.
 
-    Tensor data: `qdata`, `scale`; optional `act_scale` (static), `had_k` (online Hadamard of the input).
+    Tensor data: `qdata`, `scale`; optional `act_scale` (static), `had_k` (online Hadamard of the input), `act_clip`
+    (dynamic).
     Attributes: `w_bits` (4 | 8), `a_bits` (4 | 8 | 16), `act_mode` ("static" | "dynamic" | "none"), `shape`,
     `dtype` (the logical [N, K] weight).
     """
 
     tensor_data_names = ["qdata", "scale"]
     tensor_attribute_names = ["w_bits", "a_bits", "act_mode", "shape", "dtype"]
-    optional_tensor_data_names = ["act_scale", "had_k"]
+    optional_tensor_data_names = ["act_scale", "had_k", "act_clip"]
 
-    def __new__(cls, qdata, scale, w_bits, a_bits, act_mode, shape, dtype, act_scale=None, had_k=None):
+    def __new__(cls, qdata, scale, w_bits, a_bits, act_mode, shape, dtype, act_scale=None, had_k=None, act_clip=None):
         return torch.Tensor._make_wrapper_subclass(
             cls, torch.Size(shape), dtype=dtype, device=qdata.device, requires_grad=False
         )
 
-    def __init__(self, qdata, scale, w_bits, a_bits, act_mode, shape, dtype, act_scale=None, had_k=None):
+    def __init__(self, qdata, scale, w_bits, a_bits, act_mode, shape, dtype, act_scale=None, had_k=None, act_clip=None):
         super().__init__()
         _check_config(w_bits, a_bits, act_mode)
         n, k = shape
@@ -71,13 +73,17 @@ class IntxLinearWeight(TorchAOBaseTensor):
             raise ValueError(f"act_scale is required for act_mode='static' and only for it ({act_mode=})")
         if act_scale is not None and (tuple(act_scale.shape) != (1,) or act_scale.dtype != torch.float32):
             raise ValueError(f"act_scale must be float32 [1], got {list(act_scale.shape)} {act_scale.dtype}")
+        if act_clip is not None and act_mode != "dynamic":
+            raise ValueError(f"act_clip goes with act_mode='dynamic' only ({act_mode=})")
+        if act_clip is not None and (tuple(act_clip.shape) != (1,) or act_clip.dtype != torch.float32):
+            raise ValueError(f"act_clip must be float32 [1], got {list(act_clip.shape)} {act_clip.dtype}")
         if had_k is not None:
             kh = had_k.shape[0]
             if had_k.dim() != 2 or had_k.shape[1] != kh or k % kh or not hadamard.is_pow2(k // kh):
                 raise ValueError(f"had_k must be K_h x K_h with K = {k} = K_h * 2**m, got {list(had_k.shape)}")
         self.qdata, self.scale = qdata, scale
         self.w_bits, self.a_bits, self.act_mode = w_bits, a_bits, act_mode
-        self.act_scale, self.had_k = act_scale, had_k
+        self.act_scale, self.had_k, self.act_clip = act_scale, had_k, act_clip
 
     @classmethod
     def from_float(
@@ -90,11 +96,13 @@ class IntxLinearWeight(TorchAOBaseTensor):
         had_k: torch.Tensor | None = None,
         clip: torch.Tensor | float | None = None,
         w_scale: torch.Tensor | None = None,
+        act_clip: torch.Tensor | float | None = None,
     ) -> "IntxLinearWeight":
         """Quantize a float `[N, K]` weight (already rotated if `had_k` is given).
 
         `w_scale` (fp32 `[N]`) is used as is; otherwise it is the min-max scale times `clip` (per-channel clip
-        factors `[N]` or a float). `act_scale` (a float or a 1-element tensor) becomes fp32 `[1]`.
+        factors `[N]` or a float). `act_scale` (static) and `act_clip` (dynamic; a float or a 1-element tensor)
+        become fp32 `[1]`.
         """
         if weight.dim() != 2 or not weight.is_floating_point():
             raise ValueError(f"weight must be a 2-D float tensor, got {list(weight.shape)} {weight.dtype}")
@@ -114,7 +122,9 @@ class IntxLinearWeight(TorchAOBaseTensor):
             act_scale = torch.as_tensor(act_scale, dtype=torch.float32, device=weight.device).reshape(1)
         if had_k is not None:
             had_k = had_k.to(device=weight.device, dtype=torch.float32)
-        return cls(qdata, w_scale, w_bits, a_bits, act_mode, weight.shape, weight.dtype, act_scale, had_k)
+        if act_clip is not None:
+            act_clip = torch.as_tensor(act_clip, dtype=torch.float32, device=weight.device).reshape(1)
+        return cls(qdata, w_scale, w_bits, a_bits, act_mode, weight.shape, weight.dtype, act_scale, had_k, act_clip)
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         q = quant_math.unpack_int4(self.qdata) if self.w_bits == 4 else self.qdata
@@ -162,7 +172,7 @@ def _quantized_linear(x: torch.Tensor, w: IntxLinearWeight, bias: torch.Tensor |
         else:
             if w.had_k is not None:
                 x2 = ops.hadamard_transform(x2, w.had_k)
-            xq, x_scale = ops.quantize_dynamic(x2, w.a_bits)
+            xq, x_scale = ops.quantize_dynamic(x2, w.a_bits, w.act_clip)
         y = ops.int_linear(xq, x_scale, w.qdata, w.scale, bias, w.a_bits, w.w_bits, x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
