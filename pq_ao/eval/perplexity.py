@@ -40,6 +40,8 @@ def window_tokens(tokenizer, text: str, seqlen: int, max_windows: int | None = N
     """`[n_windows, seqlen]` non-overlapping windows of the tokenized `text` (tail dropped)."""
     if seqlen < 2:
         raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be positive, got {max_windows}")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     n = ids.numel() // seqlen
     if n == 0:

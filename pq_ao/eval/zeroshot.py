@@ -138,6 +138,8 @@ def evaluate(
 
     for t in tasks:
         _prompt_config(t)  # unknown names fail before any loading
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be positive, got {limit}")
     start = time.perf_counter()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     per_task: dict[str, dict[str, Any]] = {}

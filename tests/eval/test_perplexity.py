@@ -62,6 +62,8 @@ def test_seqlen_longer_than_the_text_is_an_error(stories, data_dir, write_file):
         perplexity(model, tok, seqlen=512, progress=False)
     with pytest.raises(ValueError, match="at least 2"):
         window_tokens(tok, "abc", seqlen=1)
+    with pytest.raises(ValueError, match="max_windows must be positive"):
+        window_tokens(tok, "abc", seqlen=2, max_windows=0)
 
 
 def test_needs_a_text_dataset(stories):

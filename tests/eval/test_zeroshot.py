@@ -145,6 +145,8 @@ def test_unknown_task_and_missing_data(stories, data_dir, no_shared_data):
     model, tok = stories
     with pytest.raises(ValueError, match="unknown zero-shot task 'mmlu'.*hellaswag"):
         zeroshot.evaluate(model, tok, ["mmlu"])
+    with pytest.raises(ValueError, match="limit must be positive"):
+        zeroshot.evaluate(model, tok, ["piqa"], limit=0)
     with pytest.raises(data.DatasetNotFoundError, match="piqa/valid.jsonl"):
         zeroshot.build_task("piqa")
 
