@@ -169,8 +169,8 @@ def _ours(m, n, k, dev, a_bits, w_bits, quantize, cfg_for, dynamic=False):
                 def f(x=x, wq=wq):
                     q, s = tk.quantize_dynamic(x, a_bits)
                     return int_linear_with_config(q, s, wq, ws, None, a_bits, w_bits, torch.bfloat16, cfg)
-            elif m <= 4 and dp4a_supported(k, a_bits, w_bits):
-                def f(x=x, wq=wq, xs=xs):  # decode: one kernel, quantization in the GEMV (pick_config's GEMV)
+            elif m == 1 and dp4a_supported(k, a_bits, w_bits):
+                def f(x=x, wq=wq, xs=xs):  # batch-1 decode: one kernel, quantization in the GEMV (pick_config)
                     return tk.static_linear(x, xs, wq, ws, None, a_bits, w_bits, torch.bfloat16)
             else:
                 def f(x=x, wq=wq, xs=xs):
@@ -280,6 +280,7 @@ def resolve(cfg, m, n, k, w_bits):
     """A candidate made concrete for one shape: the GEMV's rows per program, automatic K splits."""
     if cfg.kind == "dp4a":
         return gemv_config(m, n, k, w_bits, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.split_k)
+
     if cfg.split_k == 0:
         return skinny_config(m, n, k, w_bits, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
     return cfg
@@ -431,6 +432,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--budget-s", type=float, default=420)
+    ap.add_argument("--ms", default="", help="comma-separated M values (default: all)")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     args = ap.parse_args()
     dev = "cuda"
     torch.manual_seed(0)
@@ -448,7 +451,7 @@ def main():
     log(info)
     result = dict(info=info, ceilings=ceilings(dev), tuning=[], table={}, rows=[])
     log("ceilings", result["ceilings"])
-    json_path = out_dir / f"linear_{'h100' if 'H100' in name else name.lower()}.json"
+    json_path = out_dir / f"linear_{'h100' if 'H100' in name else name.lower()}{args.tag}.json"
 
     def dump():
         json_path.write_text(json.dumps(result, indent=1, default=str))
@@ -470,6 +473,8 @@ def main():
 
     methods = [mm for mm in args.methods.split(",") if mm in METHODS]
     ms_list = [1, 16, 2048, 8192] if args.quick else MS
+    if args.ms:
+        ms_list = [int(v) for v in args.ms.split(",")]
     deadline = time.time() + args.budget_s
     for n, k in SHAPES:
         for m in ms_list:

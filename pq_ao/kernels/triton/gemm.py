@@ -288,15 +288,20 @@ def dp4a_supported(K: int, a_bits: int, w_bits: int) -> bool:
     return (a_bits, w_bits) in ((4, 4), (8, 4), (8, 8)) and K % 8 == 0
 
 
-def gemv_config(M: int, N: int, K: int, w_bits: int, block_n: int = 32, block_k: int = 0, num_warps: int = 4,
-                num_stages: int = 4, split_k: int = 0) -> GemmConfig:
+def gemv_config(M: int, N: int, K: int, w_bits: int, block_n: int = 0, block_k: int = 0, num_warps: int = 4,
+                num_stages: int = 0, split_k: int = 0, a_bits: int = 4) -> GemmConfig:
+    """dp4a GEMV for M <= 8. Defaults: the H100 sweep's best per bits (W4A4/W8A8: 16 rows x 1024 K per step, 3
+    stages; W4A8: 64 x 256, 4 stages), K split until ~3 programs per SM."""
+    w4a8 = (a_bits, w_bits) == (8, 4)
+    block_n = block_n or (64 if w4a8 else 16)
+    block_k = block_k or (256 if w4a8 else 1024)
+    num_stages = num_stages or (4 if w4a8 else 3)
     block_m = 1 if M <= 1 else (2 if M <= 2 else (4 if M <= 4 else 8))
-    block_k = block_k or (512 if w_bits == 4 else 256)
     split = split_k or _split_for(triton.cdiv(N, block_n), triton.cdiv(K, block_k), 2, 3)
     return GemmConfig(block_m, block_n, block_k, num_warps, num_stages, group_m=1, split_k=split, kind="dp4a")
 
 
-def skinny_config(M: int, N: int, K: int, w_bits: int, block_n: int = 64, block_k: int = 0, num_warps: int = 4,
+def skinny_config(M: int, N: int, K: int, w_bits: int, block_n: int = 32, block_k: int = 0, num_warps: int = 4,
                   num_stages: int = 4, split_k: int = 0) -> GemmConfig:
     block_k = block_k or (512 if w_bits == 4 else 256)
     split = split_k or _split_for(triton.cdiv(N, block_n) * triton.cdiv(M, 16), triton.cdiv(K, block_k), 2, 4)
@@ -304,15 +309,20 @@ def skinny_config(M: int, N: int, K: int, w_bits: int, block_n: int = 64, block_
 
 
 def pick_config(M: int, N: int, K: int, a_bits: int, w_bits: int) -> GemmConfig:
+    """Per-M-bucket winners of the H100 sweep (geometric mean over the Llama-3-8B shapes; docs/kernels.md)."""
     if M <= 4 and dp4a_supported(K, a_bits, w_bits):
-        return gemv_config(M, N, K, w_bits)
+        return gemv_config(M, N, K, w_bits, a_bits=a_bits)
     if M <= 16:
         return skinny_config(M, N, K, w_bits)
     if M <= 64:
-        return GemmConfig(64, 128, 256, num_warps=4, num_stages=4, group_m=8)
+        return GemmConfig(64, 64, 256, num_warps=4, num_stages=4, group_m=8)
     if M <= 256:
-        return GemmConfig(128, 128, 256, num_warps=8, num_stages=4, group_m=8)
-    return GemmConfig(128, 256, 128, num_warps=8, num_stages=4, group_m=8)
+        return GemmConfig(64, 128, 256, num_warps=4, num_stages=4, group_m=8)
+    if (a_bits, w_bits) == (4, 4):
+        return GemmConfig(256, 128, 128, num_warps=8, num_stages=3, group_m=8)
+    if (a_bits, w_bits) == (8, 8):
+        return GemmConfig(128, 256, 128, num_warps=8, num_stages=3, group_m=8)
+    return GemmConfig(128, 128, 128, num_warps=4, num_stages=4, group_m=8)  # W4A8 winner; A4W8 untuned
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -437,14 +447,16 @@ def static_linear(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """`int_linear(quantize_static(x, x_scale, a_bits), x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)`,
-    the same integers and outputs, from float activations x [..., K]. For decode (M <= 4 rows, W4A4/W4A8/W8A8,
-    K % 8 == 0) it is one kernel: the GEMV quantizes its slice of x in registers; otherwise two launches."""
+    the same integers and outputs, from float activations x [..., K]. For one row (decode at batch 1; W4A4/W4A8/W8A8,
+    K % 8 == 0) it is one kernel: the GEMV quantizes its slice of x in registers (H100: 20 us vs 22 us for the
+    pair at 1x14336x4096); from 2 rows on the per-program re-quantization costs more than it saves (M = 4: 38 us
+    fused vs ~28 us), so it is quantize_static + int_linear."""
     from .quant import quantize_static
 
     K = x.shape[-1]
     lead = x.shape[:-1]
     M = x.numel() // K if K else 0
-    if not (0 < M <= 4 and dp4a_supported(K, a_bits, w_bits)) or x_scale.numel() != 1:
+    if not (M == 1 and dp4a_supported(K, a_bits, w_bits)) or x_scale.numel() != 1:
         return int_linear(quantize_static(x, x_scale, a_bits), x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
     if wq.dtype != (torch.uint8 if w_bits == 4 else torch.int8) or x_scale.dim() == 0 or w_scale.dim() == 0:
         raise ValueError(f"wq must be {'packed uint8' if w_bits == 4 else 'int8'} (got {wq.dtype}); scales must "
