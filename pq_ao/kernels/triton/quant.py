@@ -88,8 +88,8 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
 
 @triton.jit
 def _quantize_dynamic_kernel(
-    x_ptr, out_ptr, scale_ptr, M, K, stride_xm, stride_om,
-    BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr,
+    x_ptr, out_ptr, scale_ptr, clip_ptr, M, K, stride_xm, stride_om,
+    BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr, HAS_CLIP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -102,7 +102,9 @@ def _quantize_dynamic_kernel(
         mask = mmask[:, None] & (offs_k[None, :] < K)
         x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-    # s = 2 * max(absmax, eps) / (2**b - 1): the min-max grid of docs/architecture.md, per row
+    # s = 2 * max(clip * absmax, eps) / (2**b - 1): the min-max grid of docs/architecture.md, per row
+    if HAS_CLIP:
+        amax = amax * tl.load(clip_ptr)
     scale = tl.math.div_rn(tl.maximum(amax, EPS) * 2.0, QMAX - QMIN + 0.0)
     tl.store(scale_ptr + offs_m, scale, mask=mmask)
     for k0 in range(0, K, BLOCK_K):
@@ -118,8 +120,11 @@ def _quantize_dynamic_kernel(
             tl.store(out_ptr + rows * stride_om + offs_k[None, :], q.to(tl.int8), mask=mask)
 
 
-def quantize_dynamic(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token quantization. x [..., K] float -> (q, scale [..., 1] fp32), q as in `quantize_static`."""
+def quantize_dynamic(
+    x: torch.Tensor, bits: int, clip: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token quantization. x [..., K] float -> (q, scale [..., 1] fp32), q as in `quantize_static`;
+    clip: fp32 [1], a factor on each token's absmax (default 1)."""
     qmin, qmax = qrange(bits)
     K = x.shape[-1]
     if bits == 4 and K % 2:
@@ -136,8 +141,11 @@ def quantize_dynamic(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     block_m = max(1, min(4, 4096 // block_k))
     warps = 8 if block_k >= 8192 else 4
     grid = (triton.cdiv(M, block_m),)
+    if clip is not None:
+        _check_scale(clip, "clip")
     torch.library.wrap_triton(_quantize_dynamic_kernel)[grid](
-        x2, out, scale, M, K, x2.stride(0), out.stride(0),
-        BITS=bits, QMIN=qmin, QMAX=qmax, EPS=quant_math.ABSMAX_EPS, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+        x2, out, scale, clip if clip is not None else scale, M, K, x2.stride(0), out.stride(0),
+        BITS=bits, QMIN=qmin, QMAX=qmax, EPS=quant_math.ABSMAX_EPS, HAS_CLIP=clip is not None,
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
     )
     return out.reshape(*x.shape[:-1], out.shape[-1]), scale.reshape(*x.shape[:-1], 1)
