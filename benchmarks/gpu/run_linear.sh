@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-box call for the linear kernels (issue 4): GPU tests, memory-bound kernel bandwidth, tuning sweep +
-# linear benchmark. Run from the repo root on the box, with `.whl_linear` carried (the torchao wheel):
+# linear benchmark. Run from the repo root on the box, with `.whl_linear` carried (the torchao wheel: the
+# torchao baseline needs it, and so does `import pq_ao`):
 #   bash benchmarks/gpu/run_linear.sh            # everything; outputs land in $OUT
 # Stages are time-boxed so the whole run stays under the 10-minute command limit.
 set -uo pipefail
