@@ -270,7 +270,7 @@ def _epilogue(acc, offs_m, offs_n, out_mask, xs_ptr, ws_ptr, b_ptr, out_ptr, str
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Configurations. Picked from the H100 sweep recorded in docs/kernels.md (benchmarks/gpu/bench_kernels.py).
+# Configurations: the H100 sweep winners (benchmarks/bench_linear.py --tune; docs/kernels.md).
 
 _NUM_SMS_H100 = 132
 
