@@ -40,7 +40,9 @@ def scale_from_absmax(absmax: torch.Tensor, bits: int, clip: float | torch.Tenso
     a = absmax.float()
     if not (isinstance(clip, (int, float)) and clip == 1.0):
         a = a * (clip.float() if isinstance(clip, torch.Tensor) else float(clip))
-    return a.clamp_min(ABSMAX_EPS) * 2.0 / float(2**bits - 1)
+    num = a.clamp_min(ABSMAX_EPS) * 2.0
+    # a tensor divisor: CUDA turns division by a Python scalar into a multiply by its reciprocal (1 ulp off)
+    return num / torch.full_like(num, float(2**bits - 1))
 
 
 def per_token_scale(x: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
