@@ -10,6 +10,7 @@ from pq_ao.config import (
     quarot_w4a4,
 )
 from pq_ao.models import load_model
+from pq_ao.serialization import load_quantized, save_quantized
 from pq_ao.tensors import IntxLinearWeight
 
 __all__ = [
@@ -17,9 +18,11 @@ __all__ = [
     "PrefixQuantConfig",
     "QuantizationReport",
     "load_model",
+    "load_quantized",
     "prefixquant_w4a4",
     "prefixquant_w4a8",
     "prefixquant_w8a8",
     "quantize_",
     "quarot_w4a4",
+    "save_quantized",
 ]

@@ -15,7 +15,7 @@ from torchao.quantization import quantize_ as _torchao_quantize_
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from pq_ao.calibration.grid_search import BlockPlan, calibrate_blocks
-from pq_ao.calibration.outliers import PrefixReport, find_prefix, token_max, top_median_ratio
+from pq_ao.calibration.outliers import PrefixReport, find_prefix, top_median_ratio
 from pq_ao.calibration.prefix_kv import install_prefix
 from pq_ao.calibration.sites import block_sites
 from pq_ao.calibration.stats import collect_stats
@@ -119,9 +119,10 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
         downs = [b.down for b in blocks]
         prefix = find_prefix(model, downs, stats_ids, tokenizer, config.eta, config.max_prefix_len)
         install_prefix(model, [b.attn for b in blocks], prefix.prefix_ids)
-        prefix.ratio_after = top_median_ratio(token_max(model, downs, stats_ids[:8])).tolist()
     lap("prefix")
     stats = collect_stats(model, blocks, stats_ids)
+    if prefix is not None:
+        prefix.ratio_after = top_median_ratio(stats.down_token_max_tensor()).tolist()
     lap("statistics")
     plans = calibrate_blocks(model, blocks, grid_ids, config, stats)
     lap("grid_search")

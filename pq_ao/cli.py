@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_CHOICES = ("auto", *DTYPES)  # auto: bf16 on CUDA; fp32 on CPU (bf16 matmuls are slow on CPUs without AVX512-BF16)
 PPL_TASKS = ("wikitext2",)
 USER_ERRORS = (ValueError, FileNotFoundError)
 
@@ -62,15 +63,28 @@ def subcommand(*args: tuple[tuple[str, ...], dict[str, Any]]):
 MODEL_ARGS = (
     arg("--model", required=True,
         help="a known name (smollm2-135m, stories260k), a HF model dir, a .gguf file or a hub id"),
-    arg("--dtype", choices=sorted(DTYPES), default="bf16", help="model dtype (default bf16)"),
+    arg("--dtype", choices=DTYPE_CHOICES, default="auto", help="model dtype (default auto: bf16 on CUDA, fp32 on CPU)"),
     arg("--device", default="cpu", help="torch device to run on (default cpu)"),
 )  # fmt: skip
 
 
-def resolve_model(name_or_dir: str, dtype: torch.dtype, device: str = "cpu"):
-    """(model, tokenizer) for a `--model` argument: the one place that maps the argument to a model."""
-    from pq_ao.models import load_model
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return DTYPES[name]
 
+
+def resolve_model(name_or_dir: str, dtype: torch.dtype, device: str = "cpu"):
+    """(model, tokenizer) for a `--model` argument: the one place that maps the argument to a model. A directory
+    written by `pq-ao quantize` (or `pq_ao.save_quantized`) loads as the quantized model it holds."""
+    from pq_ao.models import load_model
+    from pq_ao.serialization import is_quantized_dir, load_quantized
+
+    if is_quantized_dir(name_or_dir):
+        model, tokenizer = load_quantized(name_or_dir, device=device)
+        if tokenizer is None:
+            raise ValueError(f"{name_or_dir} holds no tokenizer; it is needed for evaluation")
+        return model, tokenizer
     return load_model(name_or_dir, dtype=dtype, device=device)
 
 
@@ -145,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.json is not None:
             _write_json(args.json, report)
 
-    model, tokenizer = resolve_model(args.model, DTYPES[args.dtype], args.device)
+    model, tokenizer = resolve_model(args.model, resolve_dtype(args.dtype, args.device), args.device)
     device = next(model.parameters()).device
     report["machine"] = {
         "platform": platform.platform(),
@@ -178,6 +192,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(report["results"], report["summary"]))
     if args.json is not None:
         print(f"results written to {args.json}")
+    return 0
+
+
+@subcommand(
+    *MODEL_ARGS,
+    arg("--config", required=True, help="w4a4kv4, w4a8kv4, w8a8kv8 or quarot-w4a4kv4"),
+    arg("--out", type=Path, required=True, help="directory to write the quantized model to"),
+    arg("--calibration", default="c4", help="calibration text: c4 or wiki (default c4)"),
+    arg("--n-samples", type=int, help="statistics samples (config default 32)"),
+    arg("--calib-seqlen", type=int, help="statistics sample length (default 512)"),
+    arg("--grid-samples", type=int, help="grid-search samples (default 2)"),
+    arg("--grid-seqlen", type=int, help="grid-search sample length (default 512)"),
+    arg("--no-grid-search", action="store_true", help="min-max scales only"),
+    arg("--seed", type=int, default=0),
+    arg("--json", type=Path, help="write the quantization report here"),
+)  # fmt: skip
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize a model with a PrefixQuant preset and save it (safetensors + JSON) for `pq-ao eval --model DIR`."""
+    import pq_ao
+    from pq_ao.config import preset
+
+    overrides = {"n_samples": args.n_samples, "seqlen": args.calib_seqlen, "grid_samples": args.grid_samples,
+                 "grid_seqlen": args.grid_seqlen}  # fmt: skip
+    config = preset(args.config, calibration=args.calibration, seed=args.seed,
+                    grid_search=not args.no_grid_search, **{k: v for k, v in overrides.items() if v is not None})  # fmt: skip
+    start = time.perf_counter()
+    model, tokenizer = resolve_model(args.model, resolve_dtype(args.dtype, args.device), args.device)
+    report = pq_ao.quantize_(model, config, tokenizer=tokenizer)
+    pq_ao.save_quantized(model, args.out, tokenizer)
+    print(report.summary())
+    print(f"saved to {args.out} ({time.perf_counter() - start:.0f} s)")
+    if args.json is not None:
+        out = {"schema": 1, "command": "quantize", "model": args.model, "config": args.config, "out": str(args.out),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "versions": _versions(), "report": report.to_dict()}  # fmt: skip
+        _write_json(args.json, out)
     return 0
 
 

@@ -61,6 +61,11 @@ def install_prefix(model: nn.Module, attns: list[PrefixAttention], prefix_ids: l
     kv = build_prefix_kv(model, attns, prefix_ids)
     for a, (k, v) in zip(attns, kv):
         a.set_prefix(k, v)
+    attach_prefix_positions(model, prefix_ids)
+
+
+def attach_prefix_positions(model: nn.Module, prefix_ids: list[int]) -> None:
+    """Real tokens start at position len(prefix); inputs starting with the prefix's BOS are rejected."""
     owner, name = rotary_owner(model)
     setattr(owner, name, PrefixPositions(getattr(owner, name), len(prefix_ids)))
     model.pq_ao_prefix_ids = list(prefix_ids)

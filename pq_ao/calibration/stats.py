@@ -1,7 +1,8 @@
 """Activation statistics for the min-max initialisation of every quantizer.
 
 Gathered on the full-precision rotated model with the prefix installed, so prefix rows never enter (the prefix
-lives in the KV, not in the activations). Maxima are true maxima over all calibration tokens (not the paper
+lives in the KV, not in the activations). The same pass records the down_proj token maxima (before R4) that
+show what the prefix did to the outliers. Maxima are true maxima over all calibration tokens (not the paper
 code's EMA, which lets the first batch dominate).
 """
 
@@ -32,6 +33,11 @@ class ActStats:
     act: dict[tuple[int, str], float] = field(default_factory=dict)
     k: dict[int, torch.Tensor] = field(default_factory=dict)
     v: dict[int, torch.Tensor] = field(default_factory=dict)
+    down_token_max: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # pre-R4, [B, T] per batch
+
+    def down_token_max_tensor(self) -> torch.Tensor:
+        """`[n_samples, n_layers, seqlen]`, as `outliers.token_max` returns it."""
+        return torch.stack([torch.cat(self.down_token_max[b]) for b in sorted(self.down_token_max)], dim=1)
 
     def _max(self, key, value: float) -> None:
         self.act[key] = max(self.act.get(key, 0.0), value)
@@ -49,6 +55,8 @@ def collect_stats(model: nn.Module, blocks: list[BlockSites], tokens: torch.Tens
     def site_hook(b: int, site: str, linear: nn.Module):
         def fn(_mod, args):
             stats._max((b, site), effective_input(linear, args[0]).abs().amax().item())
+            if site == "down":
+                stats.down_token_max.setdefault(b, []).append(args[0].detach().abs().amax(-1).float())
 
         return fn
 

@@ -119,11 +119,11 @@ class IntxLinearWeight(TorchAOBaseTensor):
         if act_scale is not None:
             if isinstance(act_scale, torch.Tensor) and act_scale.numel() != 1:
                 raise ValueError(f"act_scale must hold one value (per-tensor), got shape {list(act_scale.shape)}")
-            act_scale = torch.as_tensor(act_scale, dtype=torch.float32, device=weight.device).reshape(1)
+            act_scale = torch.as_tensor(act_scale, dtype=torch.float32, device=weight.device).reshape(1).clone()
         if had_k is not None:
             had_k = had_k.to(device=weight.device, dtype=torch.float32)
         if act_clip is not None:
-            act_clip = torch.as_tensor(act_clip, dtype=torch.float32, device=weight.device).reshape(1)
+            act_clip = torch.as_tensor(act_clip, dtype=torch.float32, device=weight.device).reshape(1).clone()
         return cls(qdata, w_scale, w_bits, a_bits, act_mode, weight.shape, weight.dtype, act_scale, had_k, act_clip)
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:

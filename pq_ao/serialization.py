@@ -1,0 +1,148 @@
+"""Save and load quantized models: safetensors + JSON, no pickle.
+
+A directory holds the HF `config.json` (as converted: untied embeddings), the tokenizer, `model.safetensors`
+(plain tensors; an `IntxLinearWeight` `<fqn>.weight` is stored as its inner tensors `<fqn>.weight.qdata`, `.scale`,
+`.act_scale`, `.had_k`, `.act_clip`; the prefix KV and K/V scales are ordinary buffers) and `pq_ao_config.json`
+(format version, the PrefixQuant config, prefix ids, rotation seeds, and per module how to rebuild it).
+
+Invariant: `load_quantized(save_quantized(m))` gives bit-identical logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pq_ao.calibration.prefix_kv import attach_prefix_positions
+from pq_ao.nn.attention import KVQuantizer, PrefixAttention
+from pq_ao.tensors import IntxLinearWeight
+
+FORMAT = 1
+CONFIG_FILE = "pq_ao_config.json"
+WEIGHTS_FILE = "model.safetensors"
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def _kv_spec(q: KVQuantizer | None) -> dict | None:
+    return None if q is None else {"bits": q.bits, "mode": q.mode, "clip": q.clip}
+
+
+def save_quantized(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
+    """Write a quantized model (from `pq_ao.quantize_`) to directory `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    linears, attention, tensors = {}, {}, {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, PrefixAttention):
+            attention[name] = {
+                "rotate_qk": mod.rotate_qk,
+                "k_quant": _kv_spec(mod.k_quant),
+                "v_quant": _kv_spec(mod.v_quant),
+                "prefix_len": mod.prefix_len,
+            }
+        w = getattr(mod, "weight", None)
+        if isinstance(w, IntxLinearWeight):
+            linears[name] = {"w_bits": w.w_bits, "a_bits": w.a_bits, "act_mode": w.act_mode,
+                             "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch.")}  # fmt: skip
+    for key, t in model.state_dict().items():
+        if isinstance(t, IntxLinearWeight):
+            for field in t.__tensor_flatten__()[0]:
+                tensors[f"{key}.{field}"] = getattr(t, field).contiguous()
+        else:
+            tensors[key] = t.contiguous()
+    if not linears:
+        raise ValueError("the model has no IntxLinearWeight: quantize it with pq_ao.quantize_ first")
+    config = getattr(model, "pq_ao_config", None)
+    meta = {
+        "format": FORMAT,
+        "pq_ao": config.to_dict() if config is not None else None,
+        "prefix_ids": list(getattr(model, "pq_ao_prefix_ids", []) or []),
+        "rotation": getattr(model, "pq_ao_rotation", None),
+        "linears": linears,
+        "attention": attention,
+    }
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt", "pq_ao_format": str(FORMAT)})
+    model.config.save_pretrained(path)
+    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+    tokenizer = tokenizer or getattr(model, "pq_ao_tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def _empty_model(path: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: pay for a random init
+        from contextlib import nullcontext as no_init_weights
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild a model saved by `save_quantized`; returns `(model, tokenizer or None)`."""
+    path = Path(path)
+    if not is_quantized_dir(path):
+        raise FileNotFoundError(f"{path} holds no {CONFIG_FILE}: not a pq_ao quantized model directory")
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: pq_ao format {meta.get('format')} is not supported (this pq_ao reads {FORMAT})")
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    model = _empty_model(path)
+    for name, spec in meta["attention"].items():
+        attn = PrefixAttention.wrap(model.get_submodule(name), rotate_qk=spec["rotate_qk"])
+        for kind in ("k_quant", "v_quant"):
+            if spec[kind] is not None:
+                s = spec[kind]
+                setattr(attn, kind, KVQuantizer(s["bits"], attn.n_kv_heads, s["mode"], s["clip"]))
+        if spec["prefix_len"]:
+            attn.set_prefix(tensors[f"{name}.prefix_k"], tensors[f"{name}.prefix_v"])
+        _set_child(model, name, attn)
+    for name, spec in meta["linears"].items():
+        key = f"{name}.weight"
+        fields = {f: tensors.pop(f"{key}.{f}") for f in ("qdata", "scale", "act_scale", "had_k", "act_clip")
+                  if f"{key}.{f}" in tensors}  # fmt: skip
+        weight = IntxLinearWeight(
+            fields.pop("qdata"), fields.pop("scale"), spec["w_bits"], spec["a_bits"], spec["act_mode"],
+            torch.Size(spec["shape"]), _DTYPES[spec["dtype"]], **fields,
+        )  # fmt: skip
+        model.get_submodule(name).weight = nn.Parameter(weight, requires_grad=False)
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    quantized = {f"{n}.weight" for n in meta["linears"]}
+    missing = [k for k in result.missing_keys if k not in quantized]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path}: weights do not match the model (missing {missing}, unexpected {result.unexpected_keys})")
+    if meta["prefix_ids"]:
+        attach_prefix_positions(model, meta["prefix_ids"])
+    model.pq_ao_rotation = meta["rotation"]
+    if meta["pq_ao"] is not None:
+        from pq_ao.config import PrefixQuantConfig
+
+        cfg = dict(meta["pq_ao"])
+        if not isinstance(cfg.get("calibration"), str) or cfg["calibration"].startswith("<"):
+            cfg["calibration"] = "c4"  # token ids or texts were recorded by shape only
+        model.pq_ao_config = PrefixQuantConfig(**cfg)
+    model = model.to(device).eval()
+    tokenizer = None
+    if (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model.pq_ao_tokenizer = tokenizer
+    return model, tokenizer
