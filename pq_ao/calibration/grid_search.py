@@ -101,8 +101,8 @@ def weight_clip(w: torch.Tensor, gram: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-output-channel clip factor minimising d^T G d, d = w_n - q(w_n)."""
     w = w.float()
     s0 = quant_math.scale_from_absmax(w.abs().amax(1, keepdim=True), bits)
-    best_err = torch.full((w.shape[0],), float("inf"))
-    best = torch.ones(w.shape[0])
+    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
+    best = torch.ones(w.shape[0], device=w.device)
     for a in WEIGHT_GRID:
         d = w - quant_math.fake_quantize(w, s0 * a, bits)
         err = ((d @ gram) * d).sum(1)
@@ -155,7 +155,7 @@ class BlockCalibrator:
         cfg = self.cfg
         static = cfg.act_mode == "static" and cfg.a_bits < 16
         for site in SITES:
-            absmax = torch.tensor([self.stats.act[(bs.index, site)]])
+            absmax = torch.tensor([self.stats.act[(bs.index, site)]], device=bs.o.weight.device)
             s0 = quant_math.scale_from_absmax(absmax, cfg.a_bits) if static else None
             for lin in bs.linears(site):
                 clip = weight_clip(lin.weight.detach(), grams[id(lin)], cfg.w_bits) if cfg.grid_search else None
@@ -179,8 +179,8 @@ class BlockCalibrator:
         grid = KV_GRID if cfg.kv_mode == "static" else DYNAMIC_GRID
         clips = {}
         for name, t in (("k", k), ("v", v)):
-            quant = KVQuantizer(cfg.kv_bits, attn.n_kv_heads, cfg.kv_mode)
             absmax = getattr(self.stats, name)[bs.index]
+            quant = KVQuantizer(cfg.kv_bits, attn.n_kv_heads, cfg.kv_mode).to(absmax.device)
             base = absmax if per_head else absmax.amax().expand_as(absmax).clone()
             if cfg.grid_search:
                 err = _k_errors(attn, q, k, quant, grid, base) if name == "k" else _v_errors(v, quant, grid, base)
@@ -190,7 +190,7 @@ class BlockCalibrator:
                     choice = [_argmin(err.sum(1).tolist(), grid)] * err.shape[1]
             else:
                 choice = [1.0] * attn.n_kv_heads
-            _set_kv(quant, base, torch.tensor(choice))
+            _set_kv(quant, base, torch.tensor(choice, device=base.device))
             setattr(attn, f"{name}_quant", quant)
             clips[name] = choice
         return clips["k"], clips["v"]
@@ -279,7 +279,7 @@ def _k_errors(attn, q, k, kq: KVQuantizer, grid, base, max_queries: int = 256) -
     t = k.shape[2]
     qs = q[:, :, -max_queries:]  # the last queries see the most keys
     nq = qs.shape[2]
-    causal = torch.ones(nq, t, dtype=torch.bool).tril(t - nq)
+    causal = torch.ones(nq, t, dtype=torch.bool, device=q.device).tril(t - nq)
     pk = attn.prefix_k.float() if attn.prefix_k is not None else None
 
     def probs(kk: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ def token_max(
 
     def hook(layer):
         def fn(_mod, args):
-            out[rows, layer] = args[0].detach().abs().amax(-1).float()
+            out[rows, layer] = args[0].detach().abs().amax(-1).float().cpu()
 
         return fn
 

@@ -187,18 +187,34 @@ def _(func, types, args, kwargs):
     return _quantized_linear(x, w, bias)
 
 
-@implements(aten._to_copy.default)
-def _(func, types, args, kwargs):
-    """Device moves and logical-dtype changes (model.to(bfloat16)); the quantized data never changes dtype."""
-    self = args[0]
-    to = self._get_to_kwargs(*args[1:], **kwargs)
+def _moved(self: IntxLinearWeight, device, dtype, non_blocking: bool = False) -> IntxLinearWeight:
+    """A new IntxLinearWeight on `device` with logical dtype `dtype`; the quantized data keeps its own dtype."""
 
     def move(t):
-        return None if t is None else t.to(to["device"], non_blocking=to["non_blocking"])
+        return None if t is None else t.to(device, non_blocking=non_blocking)
 
-    moved = IntxLinearWeight(move(self.qdata), move(self.scale), self.w_bits, self.a_bits, self.act_mode,
-                             self.shape, to["dtype"], move(self.act_scale), move(self.had_k))
-    return return_and_correct_aliasing(func, args, kwargs, moved)
+    return IntxLinearWeight(move(self.qdata), move(self.scale), self.w_bits, self.a_bits, self.act_mode, self.shape,
+                            dtype, move(self.act_scale), move(self.had_k), move(self.act_clip))  # fmt: skip
+
+
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    """Device moves and logical-dtype changes (model.to(bfloat16)). A fresh tensor: nothing aliases."""
+    self = args[0]
+    to = self._get_to_kwargs(*args[1:], **kwargs)
+    return _moved(self, to["device"], to["dtype"], to["non_blocking"])
+
+
+@implements(aten.to.dtype_layout)
+def _(func, types, args, kwargs):
+    """`Tensor.to(device=..., dtype=...)`: self when nothing changes, else a moved copy. (torchao's shared version
+    'corrects' the aliasing of a cross-device copy, which torch >= 2.11 refuses.)"""
+    self = args[0]
+    device = torch.device(kwargs["device"]) if kwargs.get("device") is not None else self.device
+    dtype = kwargs.get("dtype") or self.dtype
+    if device == self.device and dtype == self.dtype and not kwargs.get("copy", False):
+        return self
+    return _moved(self, device, dtype, kwargs.get("non_blocking", False))
 
 
 IntxLinearWeight.__module__ = "pq_ao.tensors"
