@@ -136,11 +136,7 @@ class BlockCalibrator:
         def observer(_mod, q, k, v):
             qkv.append((q.float(), k.float(), v.float()))
 
-        seen, handles = set(), []
-        for _, lin in bs.all_linears():
-            if id(lin) not in seen and self.cfg.w_bits < 16:
-                seen.add(id(lin))
-                handles.append(lin.register_forward_pre_hook(hook(lin)))
+        handles = [lin.register_forward_pre_hook(hook(lin)) for _, lin in bs.all_linears()]
         bs.attn.observer = observer
         try:
             y = _run(bs.block, x, kwargs, self.chunk)
@@ -154,12 +150,12 @@ class BlockCalibrator:
     def _convert(self, bs: BlockSites, grams: dict) -> None:
         cfg = self.cfg
         static = cfg.act_mode == "static" and cfg.a_bits < 16
+        dynamic = cfg.act_mode == "dynamic" and cfg.a_bits < 16
         for site in SITES:
             absmax = torch.tensor([self.stats.act[(bs.index, site)]], device=bs.o.weight.device)
             s0 = quant_math.scale_from_absmax(absmax, cfg.a_bits) if static else None
             for lin in bs.linears(site):
                 clip = weight_clip(lin.weight.detach(), grams[id(lin)], cfg.w_bits) if cfg.grid_search else None
-                dynamic = cfg.act_mode == "dynamic" and cfg.a_bits < 16
                 new = quantize_linear(
                     lin, w_bits=cfg.w_bits, a_bits=cfg.a_bits, act_mode=cfg.act_mode, act_scale=s0, clip=clip,
                     act_clip=1.0 if dynamic else None,
@@ -178,7 +174,7 @@ class BlockCalibrator:
         per_head = cfg.kv_mode == "static" and cfg.kv_granularity == "per_head"
         grid = KV_GRID if cfg.kv_mode == "static" else DYNAMIC_GRID
         clips = {}
-        for name, t in (("k", k), ("v", v)):
+        for name in ("k", "v"):
             absmax = getattr(self.stats, name)[bs.index]
             quant = KVQuantizer(cfg.kv_bits, attn.n_kv_heads, cfg.kv_mode).to(absmax.device)
             base = absmax if per_head else absmax.amax().expand_as(absmax).clone()
@@ -194,7 +190,6 @@ class BlockCalibrator:
             setattr(attn, f"{name}_quant", quant)
             clips[name] = choice
         return clips["k"], clips["v"]
-        return k_clip, v_clip
 
     # -- step 3 ------------------------------------------------------------------------------------------------
     def _capture(self, bs: BlockSites, x: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
