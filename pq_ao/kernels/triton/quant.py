@@ -39,6 +39,18 @@ def _quantize_static_kernel(
         tl.store(out_ptr + rows * stride_om + offs_k[None, :], q.to(tl.int8), mask=mask)
 
 
+def _rows_and_output(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as unit-stride rows [M, K], and the empty quantized output: packed uint8 [M, K // 2] or int8 [M, K]."""
+    K = x.shape[-1]
+    if bits == 4 and K % 2:
+        raise ValueError(f"int4 packing needs an even last dim, got {K}")
+    x2 = _rows(x)
+    M = x2.shape[0]
+    if bits == 4:
+        return x2, torch.empty((M, K // 2), dtype=torch.uint8, device=x.device)
+    return x2, torch.empty((M, K), dtype=torch.int8, device=x.device)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
@@ -63,15 +75,8 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
     Returns int8 [..., K] (bits=8) or packed int4 uint8 [..., K // 2] (bits=4)."""
     qmin, qmax = qrange(bits)
     _check_scale(scale, "scale")
-    K = x.shape[-1]
-    if bits == 4 and K % 2:
-        raise ValueError(f"int4 packing needs an even last dim, got {K}")
-    x2 = _rows(x)
-    M = x2.shape[0]
-    if bits == 4:
-        out = torch.empty((M, K // 2), dtype=torch.uint8, device=x.device)
-    else:
-        out = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    x2, out = _rows_and_output(x, bits)
+    M, K = x2.shape
     block_m, block_k = _static_blocks(K, bits)
     grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
     torch.library.wrap_triton(_quantize_static_kernel)[grid](
@@ -126,15 +131,8 @@ def quantize_dynamic(
     """Dynamic per-token quantization. x [..., K] float -> (q, scale [..., 1] fp32), q as in `quantize_static`;
     clip: fp32 [1], a factor on each token's absmax (default 1)."""
     qmin, qmax = qrange(bits)
-    K = x.shape[-1]
-    if bits == 4 and K % 2:
-        raise ValueError(f"int4 packing needs an even last dim, got {K}")
-    x2 = _rows(x)
-    M = x2.shape[0]
-    if bits == 4:
-        out = torch.empty((M, K // 2), dtype=torch.uint8, device=x.device)
-    else:
-        out = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    x2, out = _rows_and_output(x, bits)
+    M, K = x2.shape
     scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
     # the whole row in one block up to K = 16384 (one load per pass: no serial latency chain at small M)
     block_k = max(16, min(next_pow2(K), 16384))
