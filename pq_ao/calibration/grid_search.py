@@ -27,6 +27,7 @@ from pq_ao import quant_math
 from pq_ao.calibration.prefix_kv import decoder
 from pq_ao.calibration.sites import SITES, BlockSites
 from pq_ao.calibration.stats import ActStats, effective_input
+from pq_ao.hf_compat import without_cache
 from pq_ao.nn.attention import KVQuantizer
 from pq_ao.passes.convert import quantize_linear, replace_child
 
@@ -74,10 +75,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, tokens: torch
                 xs.append(got["x"])
     finally:
         h.remove()
-    kwargs = got["kwargs"]
-    kwargs["past_key_values"] = None
-    kwargs["use_cache"] = False
-    return torch.cat(xs), kwargs
+    return torch.cat(xs), without_cache(got["kwargs"])
 
 
 def _run(block: nn.Module, x: torch.Tensor, kwargs: dict, chunk: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pq_ao.hf_compat import cache_in
 from pq_ao.nn.attention import PrefixAttention, PrefixPositions
 
 
@@ -84,7 +85,7 @@ def _bos_guard(separator_id: int):
 
     def hook(_module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        past = kwargs.get("past_key_values")
+        past = cache_in(kwargs)
         if ids is None or _tracing() or (past is not None and past.get_seq_length() > 0):
             return None
         mask = kwargs.get("attention_mask")

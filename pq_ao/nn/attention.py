@@ -134,8 +134,10 @@ class PrefixAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
+        cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        cache = cache if cache is not None else past_key_values  # renamed in transformers 5.24 (hf_compat)
         bsz, q_len = hidden_states.shape[:2]
         hidden_shape = (bsz, q_len, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(hidden_shape)
@@ -155,8 +157,8 @@ class PrefixAttention(nn.Module):
             k = self.k_quant(k)
         if self.v_quant is not None:
             v = self.v_quant(v)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         out = self._attend(q, k, v, attention_mask)
         out = out.transpose(1, 2).reshape(bsz, q_len, -1)
         return self.o_proj(out), None

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pq_ao.hf_compat import CACHE_KWARGS
+
 _CAPTURABLE_ATTENTION = ("sdpa", "eager")
 
 
@@ -143,7 +145,7 @@ def capture_module(
         ) from e
 
 
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")
+_CACHE_KWARGS = (*CACHE_KWARGS, "past_key_value", "use_cache", "cache_position", "output_attentions")
 
 
 def capture_block(model: nn.Module, trace: ModelTrace | None = None) -> torch.export.ExportedProgram:

@@ -6,6 +6,7 @@ import torch
 import pq_ao
 from pq_ao.calibration.prefix_kv import install_prefix, remove_prefix
 from pq_ao.calibration.sites import block_sites
+from pq_ao.hf_compat import cache_kwarg, output_cache
 from pq_ao.passes import find_structure, rotate_model
 
 
@@ -29,9 +30,9 @@ def test_prefixed_logits_equal_plain_logits_on_prefix_plus_input(rotated, prefix
             got = model(input_ids=x, use_cache=False).logits
             # and through the HF cache, token by token after a 30-token prompt
             out = model(input_ids=x[:, :30], use_cache=True)
-            cache, steps = out.past_key_values, [out.logits[:, -1]]
+            cache, steps = output_cache(out), [out.logits[:, -1]]
             for t in range(30, 39):
-                out = model(input_ids=x[:, t : t + 1], past_key_values=cache, use_cache=True)
+                out = model(input_ids=x[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache})
                 steps.append(out.logits[:, -1])
         finally:
             remove_prefix(model, attns)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pq_ao.hadamard import has_true_hadamard
+from pq_ao.hf_compat import cache_kwarg, output_cache
 from pq_ao.nn.attention import PrefixAttention
 from pq_ao.nn.hadamard_linear import HadamardLinear
 from pq_ao.passes import discover, rotate_model
@@ -33,8 +34,8 @@ def _check_equivalent(model, ids, seed=0, new_tokens=8, **kw):
         prompt, nxt = ids[:, :-1], ids[:, -1:]
         steps = []
         for m in (model, rotated):
-            cache = m(prompt, use_cache=True).past_key_values
-            steps.append(m(nxt, past_key_values=cache, use_cache=True).logits)
+            cache = output_cache(m(prompt, use_cache=True))
+            steps.append(m(nxt, use_cache=True, **{cache_kwarg(m): cache}).logits)
         assert _rel(steps[1], steps[0]) < 1e-4
         gen = [m.generate(ids[:1, :4], max_new_tokens=new_tokens, do_sample=False) for m in (model, rotated)]
         assert torch.equal(gen[0], gen[1])
