@@ -69,6 +69,13 @@ def resolve_tokenizer(model: nn.Module):
     )
 
 
+def _optional_tokenizer(model: nn.Module):
+    try:
+        return resolve_tokenizer(model)
+    except ValueError:
+        return None
+
+
 def calibration_data(config: PrefixQuantConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """(statistics tokens [n_samples, seqlen], grid-search tokens [grid_samples, grid_seqlen])."""
     from pq_ao import data
@@ -101,8 +108,10 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
         t[name] = now - t.pop("_last", t["start"])
         t["_last"] = now
 
-    if not isinstance(config.calibration, torch.Tensor) or config.prefix:
+    if not isinstance(config.calibration, torch.Tensor):
         tokenizer = tokenizer or resolve_tokenizer(model)
+    elif tokenizer is None:  # token ids need no tokenizer; the prefix separator then comes from the config
+        tokenizer = _optional_tokenizer(model)
     model.eval()
     stats_ids, grid_ids = calibration_data(config, tokenizer)
     lap("data")

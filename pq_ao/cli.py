@@ -231,6 +231,50 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+@subcommand(
+    arg("--model", required=True, help="a directory written by pq-ao quantize (or pq_ao.save_quantized)"),
+    arg("--out", type=Path, required=True, help="the .pt2 to write"),
+    arg("--max-len", type=int, default=2048, help="KV-cache slots: prompt + generated tokens (default 2048)"),
+    arg("--batch-size", type=int, default=1, help="sequences per call, fixed in the package (default 1)"),
+    arg("--device", default="cpu", help="device to compile for (cpu or cuda; default cpu)"),
+    arg("--dtype", choices=DTYPE_CHOICES, default="auto",
+        help="activation dtype (default auto: bf16 on CUDA, fp32 on CPU)"),
+)  # fmt: skip
+def cmd_export(args: argparse.Namespace) -> int:
+    """torch.export the quantized model's prefill and decode (int KV cache) and AOT-compile them into one .pt2."""
+    from pq_ao.export import compile_package
+    from pq_ao.serialization import is_quantized_dir
+
+    if not is_quantized_dir(args.model):
+        raise ValueError(f"{args.model} is not a quantized model directory (run pq-ao quantize --out DIR first)")
+    if not str(args.out).endswith(".pt2"):
+        raise ValueError(f"--out must name a .pt2 file, got {args.out}")
+    start = time.perf_counter()
+    model, tokenizer = resolve_model(args.model, torch.float32, args.device)
+    model.to(resolve_dtype(args.dtype, args.device))
+    path = compile_package(model, args.out, args.batch_size, args.max_len, tokenizer)
+    size = path.stat().st_size / 2**20
+    print(f"wrote {path} ({size:.1f} MiB, {time.perf_counter() - start:.0f} s): prefill + decode, batch "
+          f"{args.batch_size}, {args.max_len} cache slots, {args.device}")  # fmt: skip
+    return 0
+
+
+@subcommand(
+    arg("--package", required=True, type=Path, help="a .pt2 written by pq-ao export"),
+    arg("--prompt", required=True, help="text to continue (no BOS is added: the prefix ends with it)"),
+    arg("--max-new-tokens", type=int, default=32),
+    arg("--device", help="default: the device the package was compiled for"),
+)  # fmt: skip
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Greedy text generation from a .pt2 alone (pq_ao.runtime: torch + the tokenizer stored in the archive)."""
+    from pq_ao.runtime import load
+
+    if not args.package.is_file():
+        raise FileNotFoundError(f"no package at {args.package}")
+    print(load(args.package, args.device).generate_text(args.prompt, args.max_new_tokens))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pq-ao", description="PrefixQuant for torchao: quantize and evaluate LLMs"

@@ -26,6 +26,10 @@ class PrefixQuantConfig(AOBaseConfig):
     K and V: static per KV head (`kv_granularity="per_head"`) or per tensor, or dynamic per token and head.
     `a_bits`/`kv_bits` = 16 leaves that tensor in full precision.
 
+    Clip factors multiply the min-max range (static) or each token's absmax (dynamic). `act_clip` / `kv_clip` fix
+    them for every activation site / every K and V quantizer (QuaRot's recipe: 0.9 and 0.95); None (default) lets
+    the grid search choose them. Weights always get the per-channel search when `grid_search` is on.
+
     Calibration data: a LongTensor of token ids `[n, seqlen]`, a list of strings (tokenized with the model's
     tokenizer), or a dataset name from `pq_ao.data` (default `"c4"`). `n_samples x seqlen` tokens feed the outlier
     search and the statistics; `grid_samples x grid_seqlen` feed the grid search. The defaults (32 x 512, 2 x 512)
@@ -47,6 +51,8 @@ class PrefixQuantConfig(AOBaseConfig):
     n_samples: int = 32
     seqlen: int = 512
     grid_search: bool = True
+    act_clip: float | None = None
+    kv_clip: float | None = None
     grid_samples: int = 2
     grid_seqlen: int = 512
     seed: int = 0
@@ -68,6 +74,10 @@ class PrefixQuantConfig(AOBaseConfig):
             raise ValueError(f"eta (outlier threshold over the median) must be > 1, got {self.eta}")
         if self.max_prefix_len < 1:
             raise ValueError(f"max_prefix_len must be >= 1, got {self.max_prefix_len}")
+        for name in ("act_clip", "kv_clip"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1] (or None to search it), got {value}")
         for name in ("n_samples", "seqlen", "grid_samples", "grid_seqlen"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -122,12 +132,15 @@ def prefixquant_w8a8(**kwargs) -> PrefixQuantConfig:
     return PrefixQuantConfig(**{"w_bits": 8, "a_bits": 8, "kv_bits": 8, "kv_granularity": "per_tensor", **kwargs})
 
 
+QUAROT_ACT_CLIP, QUAROT_KV_CLIP = 0.9, 0.95  # QuaRot's published recipe (--a_clip_ratio, --k/v_clip_ratio)
+
+
 def quarot_w4a4(**kwargs) -> PrefixQuantConfig:
-    """The QuaRot-style baseline on the same rotated model: per-token dynamic 4-bit activations, per-token-per-head
-    dynamic 4-bit KV, no prefix; the same weight quantization as `prefixquant_w4a4`."""
-    return PrefixQuantConfig(
-        **{"w_bits": 4, "a_bits": 4, "kv_bits": 4, "act_mode": "dynamic", "kv_mode": "dynamic", "prefix": False, **kwargs}
-    )
+    """The QuaRot-style baseline on the same rotated model: per-token dynamic 4-bit activations (clip 0.9),
+    per-token-per-head dynamic 4-bit KV (clip 0.95), no prefix; the same weight quantization as `prefixquant_w4a4`.
+    `act_clip=None, kv_clip=None` gives it searched clip factors instead (the paper's O1 without the prefix)."""
+    return PrefixQuantConfig(**{"w_bits": 4, "a_bits": 4, "kv_bits": 4, "act_mode": "dynamic", "kv_mode": "dynamic",
+                                "prefix": False, "act_clip": QUAROT_ACT_CLIP, "kv_clip": QUAROT_KV_CLIP, **kwargs})
 
 
 PRESETS = {

@@ -5,12 +5,15 @@ For block i, with X its input from the already-quantized blocks 0..i-1 and Y = t
    ||X_lin (w - q(w))||^2 (computed through the Gram matrix X_lin^T X_lin), then every linear is converted to an
    `IntxLinearWeight` (the evaluated model is the converted model);
 2. K and V per head (static) or one clip (per tensor / dynamic): K by the MSE of the attention probabilities
-   (causal, prefix keys included), V by reconstruction MSE; grid {1.00 .. 0.55};
+   (causal, prefix keys included), V by reconstruction MSE; grid {1.00, 0.95, .., 0.20} (the paper's code stops at
+   0.55, where SmolLM2's static V heads all landed: the optimum lies below it);
 3. activations, site by site (qkv, o, gate_up, down), the clip factor minimising ||block(X) - Y||^2:
-   static: coarse 0.25..0.95 (8 points) then 5 points over +-0.05 around the best (the paper's code uses 10; the
-   objective is smooth at that scale and each point costs a block pass); dynamic: 0.6..1.0 (9 points). Earlier
+   static: coarse 0.10..1.00 (7 points), then two rounds of the best and its neighbours at half the spacing
+   (resolution ~0.04, 11 block-tail passes; the paper's code searches 0.2..1 more finely, but each point costs a
+   block pass and the objective is smooth at that scale); dynamic: 0.6..1.0 (9 points). Earlier
    sites keep their chosen factor while later ones are searched (coordinate descent, where the paper's code
    tunes each quantizer alone). Only the part of the block downstream of a site is recomputed.
+   A fixed `config.act_clip` / `kv_clip` (QuaRot's 0.9 / 0.95) replaces the activation / K-V search.
 Then X <- quantized block(X) for block i+1. Ties go to the later grid point, as the paper's code does.
 """
 
@@ -32,9 +35,9 @@ from pq_ao.nn.attention import KVQuantizer
 from pq_ao.passes.convert import quantize_linear, replace_child
 
 WEIGHT_GRID = [1.0 - i / 20 for i in range(10)]
-KV_GRID = WEIGHT_GRID
-STATIC_COARSE = [round(a, 6) for a in torch.linspace(0.25, 0.95, 8).tolist()]
-STATIC_FINE_POINTS = 5
+KV_GRID = [round(1.0 - i / 20, 6) for i in range(17)]  # 1.00 .. 0.20
+STATIC_COARSE = [round(0.1 + 0.15 * i, 6) for i in range(7)]  # 0.10, 0.25, .., 1.00
+STATIC_REFINE_ROUNDS = 2  # then +-0.075, +-0.0375 around the best: 11 block-tail passes, resolution ~0.04
 DYNAMIC_GRID = torch.linspace(0.6, 1.0, 9).tolist()
 
 
@@ -93,6 +96,25 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
 def _argmin(values: list[float], grid: list[float]) -> float:
     best = min(values)
     return [g for g, v in zip(grid, values) if v == best][-1]  # ties -> later grid point
+
+
+def _coarse_to_fine(objective, grid: list[float], rounds: int) -> float:
+    """The best point of an evenly spaced `grid`, then `rounds` times the best of it and its two neighbours at half
+    the previous spacing (clip factors stay in (0, 1]). Each objective value is computed once."""
+    errs = {a: objective(a) for a in grid}
+
+    def best() -> float:
+        pts = sorted(errs)
+        return _argmin([errs[a] for a in pts], pts)
+
+    step = grid[1] - grid[0]
+    for _ in range(rounds):
+        step /= 2
+        centre = best()
+        for a in (round(centre - step, 6), round(centre + step, 6)):
+            if 0 < a <= 1 and a not in errs:
+                errs[a] = objective(a)
+    return best()
 
 
 def weight_clip(w: torch.Tensor, gram: torch.Tensor, bits: int) -> torch.Tensor:
@@ -176,7 +198,9 @@ class BlockCalibrator:
             absmax = getattr(self.stats, name)[bs.index]
             quant = KVQuantizer(cfg.kv_bits, attn.n_kv_heads, cfg.kv_mode).to(absmax.device)
             base = absmax if per_head else absmax.amax().expand_as(absmax).clone()
-            if cfg.grid_search:
+            if cfg.kv_clip is not None:
+                choice = [cfg.kv_clip] * attn.n_kv_heads
+            elif cfg.grid_search:
                 err = _k_errors(attn, q, k, quant, grid, base) if name == "k" else _v_errors(v, quant, grid, base)
                 if per_head:
                     choice = [_argmin(err[:, h].tolist(), grid) for h in range(err.shape[1])]
@@ -230,22 +254,20 @@ class BlockCalibrator:
         for site in SITES:
             lins = bs.linears(site)
             base = [getattr(lin.weight, field).clone() for lin in lins]
-            cap = self._capture(bs, x, kwargs) if site != "qkv" else {}
+            searched = cfg.act_clip is None and cfg.grid_search
+            cap = self._capture(bs, x, kwargs) if site != "qkv" and searched else {}
 
             def objective(a: float) -> float:
                 for lin, b in zip(lins, base):
                     getattr(lin.weight, field).copy_(b * a)
                 return _mse(self._tail(bs, site, x, kwargs, cap), y)
 
-            if not cfg.grid_search:
+            if cfg.act_clip is not None:
+                best = cfg.act_clip
+            elif not cfg.grid_search:
                 best = 1.0
             elif cfg.act_mode == "static":
-                errs = {a: objective(a) for a in STATIC_COARSE}
-                a0 = _argmin(list(errs.values()), list(errs))
-                for a in torch.linspace(a0 - 0.05, a0 + 0.05, STATIC_FINE_POINTS).tolist():
-                    errs.setdefault(round(a, 6), objective(a))
-                grid = sorted(errs)
-                best = _argmin([errs[a] for a in grid], grid)
+                best = _coarse_to_fine(objective, STATIC_COARSE, STATIC_REFINE_ROUNDS)
             else:
                 best = _argmin([objective(a) for a in DYNAMIC_GRID], DYNAMIC_GRID)
             for lin, b in zip(lins, base):

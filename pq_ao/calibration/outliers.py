@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pq_ao.calibration.prefix_kv import decoder
+
 
 @dataclass
 class PrefixReport:
@@ -59,7 +61,7 @@ def token_max(
     try:
         for start in tqdm(range(0, n, batch_size), desc=desc, leave=False):
             rows = slice(start, min(start + batch_size, n))
-            model(input_ids=tokens[rows].to(device), use_cache=False)
+            decoder(model)(input_ids=tokens[rows].to(device), use_cache=False)  # no LM head: only internals
     finally:
         for h in handles:
             h.remove()
@@ -102,13 +104,14 @@ def find_prefix(
     max_len: int = 8,
     batch_size: int = 8,
 ) -> PrefixReport:
-    """Run the model over calibration `tokens` `[n, seqlen]` and choose the prefix (see module docstring)."""
-    bos = prefix_separator_id(tokenizer)
+    """Run the model over calibration `tokens` `[n, seqlen]` and choose the prefix (see module docstring). Without a
+    tokenizer (token-id calibration) the separator comes from the model config and tokens are shown as `<id>`."""
+    bos = prefix_separator_id(tokenizer if tokenizer is not None else model.config)
     tmax = token_max(model, down_projs, tokens, batch_size, desc="outlier tokens")
     ids, o, mean_counts, counter = select_prefix(tmax, tokens, eta, max_len, bos)
     return PrefixReport(
         prefix_ids=ids,
-        prefix_tokens=[tokenizer.decode([i]) for i in ids],
+        prefix_tokens=[tokenizer.decode([i]) if tokenizer is not None else f"<{i}>" for i in ids],
         n_outlier_tokens=o,
         mean_outliers_per_layer=mean_counts,
         outlier_token_counts=dict(counter.most_common(20)),
@@ -117,9 +120,12 @@ def find_prefix(
 
 
 def prefix_separator_id(tokenizer) -> int:
-    """BOS, or for a model without one (Qwen) its document separator (EOS)."""
+    """BOS, or for a model without one (Qwen) its document separator (EOS), from a tokenizer or a model config."""
     for attr in ("bos_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
         if value is not None:
             return int(value)
-    raise ValueError("the tokenizer has neither a BOS nor an EOS token: cannot end the prefix with a separator")
+    raise ValueError(f"the {type(tokenizer).__name__} has neither a BOS nor an EOS token: cannot end the prefix "
+                     "with a separator")  # fmt: skip

@@ -88,8 +88,7 @@ def _bos_guard(separator_id: int):
         past = cache_in(kwargs)
         if ids is None or _tracing() or (past is not None and past.get_seq_length() > 0):
             return None
-        mask = kwargs.get("attention_mask")
-        first = ids[:, 0] if mask is None else ids.gather(1, mask.long().argmax(-1, keepdim=True)).squeeze(1)
+        first = ids.gather(1, _first_real_token(kwargs.get("attention_mask"), ids)).squeeze(1)
         if bool((first == separator_id).any()):
             raise ValueError(
                 f"input starts with token {separator_id} (BOS / separator), which the PrefixQuant prefix already "
@@ -98,6 +97,18 @@ def _bos_guard(separator_id: int):
         return None
 
     return hook
+
+
+def _first_real_token(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    """Index `[B, 1]` of each row's first non-padding token. `mask`: None, HF's 2-D padding mask, or a 4-D
+    `[B, 1, T, S]` mask (bool, or additive with 0 = visible; generate passes one with a static cache) whose last
+    query row shows every real token of its row."""
+    if mask is None:
+        return torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
+    if mask.dim() == 4:
+        last = mask[:, 0, -1, : ids.shape[1]]
+        mask = last if last.dtype == torch.bool else last == 0
+    return mask.long().argmax(-1, keepdim=True)
 
 
 def remove_prefix(model: nn.Module, attns: list[PrefixAttention]) -> None:

@@ -21,7 +21,10 @@ import torch
 
 from pq_ao.kernels import reference
 
-__all__ = ["hadamard_transform", "quantize_static", "hadamard_quantize_static", "quantize_dynamic", "int_linear"]
+__all__ = [
+    "hadamard_transform", "quantize_static", "hadamard_quantize_static", "quantize_dynamic", "int_linear",
+    "kv_attention",
+]
 
 
 def _launcher(name: str) -> Optional[Callable]:
@@ -37,6 +40,7 @@ _triton_quantize_static = _launcher("quantize_static")
 _triton_hadamard_quantize_static = _launcher("hadamard_quantize_static")
 _triton_quantize_dynamic = _launcher("quantize_dynamic")
 _triton_int_linear = _launcher("int_linear")
+_triton_kv_attention = _launcher("kv_attention")
 
 
 def _on_cuda(t: torch.Tensor) -> bool:
@@ -89,11 +93,31 @@ def int_linear(
     return reference.int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
 
 
+@torch.library.triton_op("pq_ao::kv_attention", mutates_args=())
+def kv_attention(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    v_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    kv_bits: int,
+) -> torch.Tensor:
+    args = (q, k_codes, v_codes, k_scale, v_scale, prefix_k, prefix_v, mask, scaling, kv_bits)
+    if _on_cuda(q) and _triton_kv_attention is not None:
+        return _triton_kv_attention(*args)
+    return reference.kv_attention(*args)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd: the exact derivative where there is one, so that running a quantized model with grad mode on (and
 # under torch.compile, which traces the backward) works. The Hadamard is linear (its adjoint is the transform by
 # had_k.T); rounding has zero derivative (like torch.round), so the quantizers pass no gradient to x (a straight-
-# through estimator is `quant_math.fake_quantize(..., ste=True)`); int_linear is differentiable in bias only.
+# through estimator is `quant_math.fake_quantize(..., ste=True)`); int_linear is differentiable in bias only;
+# kv_attention (inference over a quantized cache) passes none.
 
 
 def _no_grads(ctx, *grads):
@@ -124,5 +148,5 @@ def _int_linear_backward(ctx, grad):
 
 hadamard_transform.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
 int_linear.register_autograd(_int_linear_backward, setup_context=_int_linear_setup)
-for _op in (quantize_static, hadamard_quantize_static, quantize_dynamic):
+for _op in (quantize_static, hadamard_quantize_static, quantize_dynamic, kv_attention):
     _op.register_autograd(_no_grads, setup_context=_save_num_inputs)

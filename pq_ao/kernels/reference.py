@@ -11,9 +11,16 @@ Shapes (K is the logical reduction size; int4 operands are packed, `[..., K // 2
     quantize_dynamic(x [..., K], bits)                         -> (q as above, scale [..., 1] fp32)
     int_linear(xq [..., K'], x_scale [1] | [..., 1], wq [N, K''], w_scale [N], bias [N] | None,
                a_bits, w_bits, out_dtype)                      -> [..., N] out_dtype
+    kv_attention(q [B, Hq, Tq, D], k_codes, v_codes [B, Hkv, S, D'], k_scale, v_scale [Hkv],
+                 prefix_k, prefix_v [1, Hkv, P, D], mask bool [B, Tq, S], scaling, kv_bits)
+                                                               -> [B, Hq, Tq, D] q.dtype
 
 `int_linear` is exact: `acc = xq @ wq.T` in integers, then `acc.float() * x_scale * w_scale + bias.float()` in
 fp32 (left to right), cast to out_dtype. See `_exact_matmul` for how the integer product is computed fast.
+
+`kv_attention` is softmax attention of the queries over P full-precision prefix keys (always visible) and the
+S slots of a symmetric per-KV-head quantized cache (D' = D // 2 packed int4 or D int8; visible where `mask`),
+in fp32, with GQA (query head h reads KV head h // (Hq // Hkv)); a row that sees nothing is 0.
 """
 
 from __future__ import annotations
@@ -217,3 +224,98 @@ def int_linear(
     if bias is not None:
         y.add_(bias.float())
     return y.reshape(*lead, n).to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention over a quantized KV cache
+
+
+_Q_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_4d(t: torch.Tensor, name: str, what: str) -> None:
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D {what}, got shape {tuple(t.shape)}")
+
+
+def _check_kv_attention(q, k_codes, v_codes, k_scale, v_scale, prefix_k, prefix_v, mask, kv_bits) -> None:
+    """Dtypes and shapes of `kv_attention`'s operands (see its docstring); raises TypeError / ValueError."""
+    quant_math.check_bits(kv_bits)
+    if q.dtype not in _Q_FLOATS:
+        raise TypeError(f"q must be float32, bfloat16 or float16, got {q.dtype}")
+    _check_4d(q, "q", "[B, Hq, Tq, D]")
+    b, hq, tq, d = q.shape
+    for name, c in (("k_codes", k_codes), ("v_codes", v_codes)):
+        _check_qdata(c, kv_bits, name)
+        _check_4d(c, name, "[B, Hkv, S, D // 2] (int4) or [B, Hkv, S, D] (int8)")
+    if k_codes.shape != v_codes.shape:
+        raise ValueError(f"k_codes and v_codes differ in shape: {list(k_codes.shape)} vs "
+                         f"{list(v_codes.shape)}")
+    _check_even(d, kv_bits, "head dim D")
+    hkv, s = k_codes.shape[1], k_codes.shape[2]
+    want = (b, hkv, s, d // 2 if kv_bits == 4 else d)
+    if tuple(k_codes.shape) != want:
+        last = "D // 2" if kv_bits == 4 else "D"
+        raise ValueError(f"the codes must be [B, Hkv, S, {last}] = {list(want)} for q {list(q.shape)} and "
+                         f"{kv_bits} bits, got {list(k_codes.shape)}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads Hq = {hq} must be a multiple of the KV heads Hkv = {hkv}")
+    _check_scale(k_scale, "k_scale", ((hkv,),))
+    _check_scale(v_scale, "v_scale", ((hkv,),))
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        _check_float(t, name)
+        _check_4d(t, name, "[1, Hkv, P, D]")
+        if t.shape[0] != 1 or t.shape[1] != hkv or t.shape[3] != d:
+            raise ValueError(f"{name} must be [1, {hkv}, P, {d}], got {list(t.shape)}")
+    if prefix_k.shape != prefix_v.shape:
+        raise ValueError(f"prefix_k and prefix_v differ in shape: {list(prefix_k.shape)} vs "
+                         f"{list(prefix_v.shape)}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool (True = may attend), got {mask.dtype}")
+    if tuple(mask.shape) != (b, tq, s):
+        raise ValueError(f"mask must be [B, Tq, S] = {[b, tq, s]}, got {list(mask.shape)}")
+
+
+def kv_attention(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    v_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    kv_bits: int,
+) -> torch.Tensor:
+    """`softmax(scaling * q [prefix_k; k_hat]^T) [prefix_v; v_hat]` in fp32, cast to q.dtype.
+
+    q: `[B, Hq, Tq, D]` fp32/bf16/fp16. k_codes, v_codes: the cache, packed int4 uint8 `[B, Hkv, S, D // 2]`
+    (`quant_math.pack_int4` along D) or int8 `[B, Hkv, S, D]`; `k_hat = code * k_scale[h]` (fp32 `[Hkv]`),
+    same for v. prefix_k, prefix_v: `[1, Hkv, P, D]` of any float dtype (P >= 0), not quantized, seen by every
+    query. mask: bool `[B, Tq, S]`, True where a query may attend a cache slot (causality, padding, unwritten
+    slots: the op applies nothing else). GQA: query head h reads KV head `h // (Hq // Hkv)`. A query row with
+    no visible key (P = 0, every slot masked) is 0, not NaN.
+    """
+    _check_kv_attention(q, k_codes, v_codes, k_scale, v_scale, prefix_k, prefix_v, mask, kv_bits)
+    b, hq, tq, d = q.shape
+    hkv, s, p = k_codes.shape[1], k_codes.shape[2], prefix_k.shape[2]
+    g = hq // hkv
+    if p + s == 0:  # shapes only (static under tracing): nothing to attend
+        return q.new_zeros(q.shape)
+    # the G * Tq query rows of one KV head: row g * Tq + t is query head h * G + g, query t
+    qf = q.float().reshape(b, hkv, g * tq, d)
+    k_hat = _unpack(k_codes, kv_bits).float() * k_scale.view(1, hkv, 1, 1)
+    v_hat = _unpack(v_codes, kv_bits).float() * v_scale.view(1, hkv, 1, 1)
+    keys = torch.cat((prefix_k.float().expand(b, -1, -1, -1), k_hat), dim=2)
+    vals = torch.cat((prefix_v.float().expand(b, -1, -1, -1), v_hat), dim=2)
+    logits = (qf @ keys.transpose(-1, -2)) * scaling  # [B, Hkv, G * Tq, P + S]
+    seen = torch.cat((mask.new_ones(b, tq, p), mask), dim=-1)
+    seen = seen[:, None, None].expand(b, 1, g, tq, p + s).reshape(b, 1, g * tq, p + s)
+    logits = logits.masked_fill(~seen, float("-inf"))
+    top = logits.amax(dim=-1, keepdim=True)
+    top = torch.where(top == float("-inf"), 0.0, top)  # a row that sees nothing: exp(-inf) = 0 everywhere
+    e = torch.exp(logits - top)
+    den = e.sum(dim=-1, keepdim=True)  # >= 1 where the row sees anything (its max term is exp(0))
+    out = (e @ vals) / torch.where(den > 0, den, 1.0)
+    return out.reshape(b, hq, tq, d).to(q.dtype)

@@ -8,6 +8,8 @@ the model's `position_embeddings`) and adds, in this order after RoPE:
    the quantized values, so every later step reads exactly what an int4/int8 cache would hold.
 3. The prefix: constant full-precision K (post-RoPE at positions 0..P-1, post-R3) and V that every query attends to.
    Real tokens sit at positions P.. (see `PrefixPositions`); the HF cache never holds the prefix.
+4. With a `QuantizedKVCache`, the new tokens' K/V are stored as int4/int8 codes and attention reads them (decode:
+   `pq_ao::kv_attention` on the codes; prefill: SDPA on the dequantized slots), with the same values as 2.
 
 Invariant: with no prefix, no quantizers and `rotate_qk=False`, outputs equal the wrapped module's (same math).
 """
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pq_ao import quant_math
+from pq_ao.nn.kv_cache import QuantizedKVCache
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -58,6 +61,22 @@ class KVQuantizer(nn.Module):
         else:
             scale = quant_math.scale_from_absmax(x.float().abs().amax(-1, keepdim=True), self.bits, self.clip)
         return quant_math.fake_quantize(x, scale, self.bits)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Scales stay fp32 whatever `model.to(dtype)` does to the model (a bf16 scale would move the grid)."""
+        super()._apply(fn, recurse)
+        self.scale = self.scale.float()
+        return self
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Static codes of x: packed uint8 `[..., D // 2]` (4-bit) or int8 `[..., D]`; `decode(codes(x))` equals
+        `forward(x)` exactly."""
+        q = quant_math.quantize(x, self.scale.view(1, -1, 1, 1), self.bits)
+        return quant_math.pack_int4(q) if self.bits == 4 else q
+
+    def decode(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        q = quant_math.unpack_int4(codes) if self.bits == 4 else codes
+        return quant_math.dequantize(q, self.scale.view(1, -1, 1, 1), dtype)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, mode={self.mode}"
@@ -153,6 +172,9 @@ class PrefixAttention(nn.Module):
             q, k = self._r3(q), self._r3(k)
         if self.observer is not None:
             self.observer(self, q, k, v)
+        if isinstance(cache, QuantizedKVCache):
+            out = self._attend_codes(q, k, v, cache, attention_mask)
+            return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1)), None
         if self.k_quant is not None:
             k = self.k_quant(k)
         if self.v_quant is not None:
@@ -162,6 +184,23 @@ class PrefixAttention(nn.Module):
         out = self._attend(q, k, v, attention_mask)
         out = out.transpose(1, 2).reshape(bsz, q_len, -1)
         return self.o_proj(out), None
+
+    def _attend_codes(self, q, k, v, cache: QuantizedKVCache, attention_mask):
+        """Write the new tokens' codes into the int cache, then attend over prefix + cache: decode (one query)
+        through `pq_ao::kv_attention`, which reads the codes directly; prefill through SDPA on the dequantized
+        slots. The slot mask comes from HF (the cache is static: it covers all `max_cache_len` slots)."""
+        k_codes, v_codes = cache.update(self.k_quant.codes(k), self.v_quant.codes(v), self.layer_idx)
+        q_len, slots = q.shape[2], k_codes.shape[2]
+        start = cache.layers[self.layer_idx].cumulative_length - q_len
+        mask = _slot_mask(attention_mask, q.shape[0], q_len, slots, start, q.device)
+        if q_len == 1:
+            p = self.prefix_len
+            pk = self.prefix_k if p else q.new_zeros(1, self.n_kv_heads, 0, self.head_dim)
+            pv = self.prefix_v if p else pk
+            return torch.ops.pq_ao.kv_attention(q, k_codes, v_codes, self.k_quant.scale, self.v_quant.scale, pk, pv,
+                                                mask, self.scaling, self.k_quant.bits)  # fmt: skip
+        k_all, v_all = self.k_quant.decode(k_codes, q.dtype), self.v_quant.decode(v_codes, q.dtype)
+        return self._attend(q, k_all, v_all, mask[:, None])
 
     def _attend(self, q, k, v, attention_mask):
         """softmax(Q [K_prefix; K]^T * scaling) [V_prefix; V] with the prefix visible to every query."""
@@ -199,6 +238,17 @@ def _extend_mask(mask, q_len: int, kv_len: int, prefix_len: int, device) -> torc
     else:
         cols = torch.zeros(*mask.shape[:-1], prefix_len, dtype=mask.dtype, device=mask.device)
     return torch.cat([cols, mask], dim=-1)
+
+
+def _slot_mask(mask, bsz: int, q_len: int, slots: int, start: torch.Tensor, device) -> torch.Tensor:
+    """Bool `[B, q_len, slots]` (True = visible) from an HF mask over the static slots (bool, or additive float
+    where 0 = visible); without one, causal from `start`, the slot of the first query."""
+    if mask is None:
+        pos = start + torch.arange(q_len, device=device)
+        keep = torch.arange(slots, device=device)[None, :] <= pos[:, None]
+        return keep[None].expand(bsz, -1, -1)
+    keep = mask if mask.dtype == torch.bool else mask == 0
+    return keep[:, 0, :, :slots].expand(bsz, -1, -1)
 
 
 class PrefixPositions(nn.Module):

@@ -2,6 +2,7 @@
 `pq_ao.kernels.reference` and launches through `torch.library.wrap_triton`, so torch.compile, torch.export and
 AOTInductor trace the kernels into their artifacts. Design and measurements: docs/kernels.md."""
 
+from .attention import AttnConfig, kv_attention, kv_attention_with_config
 from .gemm import GemmConfig, int_linear, int_linear_with_config, pick_config, static_linear
 from .hadamard import hadamard_quantize_static, hadamard_transform
 from .quant import quantize_dynamic, quantize_static
@@ -12,6 +13,9 @@ __all__ = [
     "hadamard_quantize_static",
     "quantize_dynamic",
     "int_linear",
+    "kv_attention",
+    "kv_attention_with_config",
+    "AttnConfig",
     "int_linear_with_config",
     "static_linear",
     "pick_config",

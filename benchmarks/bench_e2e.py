@@ -1,0 +1,301 @@
+"""End-to-end speed of a Llama-3-8B-shaped model on the GPU: bf16 vs PrefixQuant static W4A4KV4 vs QuaRot-style
+dynamic W4A4KV4, all through the same `torch.compile` settings.
+
+The model has the real shapes (hidden 4096, MLP 14336, 32 layers, 32 query / 8 KV heads, vocab 128256) and HF's
+random initialisation in bf16 (speed does not depend on the values; nothing is timed on zeros). The quantized
+models go through the real pipeline (`pq_ao.quantize_`, calibrated on random token ids).
+
+Measured per model: prefill latency (batch 1, 2048 tokens, writing a fresh cache), decode tokens/s at batch 1 and
+16 with 2048 tokens of context (the cache pre-filled with random contents), peak GPU memory, the KV-cache bytes,
+and for the static model a profiler table of one decode step and one prefill. Prefill runs `torch.compile(model,
+fullgraph=True)`; decode runs `mode="reduce-overhead"` (CUDA graphs). bf16 uses HF's StaticCache, the quantized
+models pq_ao's `QuantizedKVCache` (static int4) or, for the dynamic model, HF's StaticCache of fake-quantized
+values (per-token KV scales have no int cache here yet).
+
+    python3 benchmarks/bench_e2e.py --json $OUT/e2e.json --budget-s 540
+
+Stages run in order while the budget lasts; the JSON is rewritten after each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
+                 max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
+                 tie_word_embeddings=False)  # fmt: skip
+TINY = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=64, vocab_size=1000, bos_token_id=1, eos_token_id=2)  # --tiny: a CPU smoke test of this script
+CONTEXT, PREFILL, DECODE_STEPS = 2048, 2048, 32
+DEVICE = "cuda"
+
+
+def build_model(layers: int, shapes: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**shapes, "num_hidden_layers": layers})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    return model.eval()
+
+
+def quantized(base, kind: str, calib_samples: int):
+    import pq_ao
+
+    model = copy.deepcopy(base)
+    ids = torch.randint(10, base.config.vocab_size, (calib_samples, 512), generator=torch.Generator().manual_seed(1))
+    common = dict(calibration=ids, n_samples=calib_samples, grid_samples=1, grid_seqlen=512)
+    config = pq_ao.prefixquant_w4a4(**common) if kind == "static" else pq_ao.quarot_w4a4(**common)
+    t = time.perf_counter()
+    report = pq_ao.quantize_(model, config)
+    sync()
+    return model, {"quantize_s": time.perf_counter() - t, "phases_s": report.seconds,
+                   "prefix": report.prefix.prefix_ids if report.prefix else None}  # fmt: skip
+
+
+def make_cache(model, kind: str, batch: int, max_len: int, fill: int):
+    """A cache for `batch` sequences whose first `fill` slots hold random contents."""
+    from transformers import StaticCache
+
+    from pq_ao.nn.kv_cache import QuantizedKVCache
+
+    if kind == "static":
+        cache = QuantizedKVCache(model, max_cache_len=max_len, batch_size=batch)
+        for layer in cache.layers:
+            for t in (layer.keys, layer.values):
+                t.copy_(torch.randint(0, 256, t.shape, device=t.device).to(t.dtype))
+    else:
+        cfg = model.config
+        cache = StaticCache(config=cfg, max_cache_len=max_len)
+        cache.early_initialization(batch, cfg.num_key_value_heads, cfg.head_dim, torch.bfloat16, DEVICE)
+        for layer in cache.layers:
+            layer.keys.normal_()
+            layer.values.normal_()
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(fill)
+    return cache
+
+
+def model_bytes(model) -> int:
+    """Bytes of parameters and buffers, counting a tensor subclass by its inner tensors (packed int4 + scales)."""
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        inner = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else None
+        parts = [getattr(t, n) for n in inner] if inner else [t]
+        total += sum(x.numel() * x.element_size() for x in parts)
+    return total
+
+
+def cache_kw(model) -> str:
+    from pq_ao.hf_compat import cache_kwarg
+
+    return cache_kwarg(model)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_cuda(fn, iters: int) -> float:
+    """Median of `iters` timed calls, ms (CUDA events around each; a host clock on the CPU)."""
+    times = []
+    for _ in range(iters):
+        if DEVICE != "cuda":
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+            continue
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def _mem() -> tuple:
+    if DEVICE != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _peak(before) -> float:
+    return (torch.cuda.max_memory_allocated() - before) / 2**30 if DEVICE == "cuda" else 0.0
+
+
+@torch.inference_mode()
+def bench_prefill(model, kind: str) -> dict:
+    compiled = torch.compile(model, fullgraph=True)
+    ids = torch.randint(10, model.config.vocab_size, (1, PREFILL), device=DEVICE)
+    kw = cache_kw(model)
+    cache = make_cache(model, kind, 1, PREFILL + 16, 0)
+
+    def run():
+        return compiled(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+
+    def empty_cache():
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(0)
+
+    t = time.perf_counter()
+    run()
+    sync()
+    compile_s = time.perf_counter() - t
+    before = _mem()
+    times = []
+    for _ in range(10):
+        empty_cache()
+        times.append(time_cuda(run, 1))
+    ms = sorted(times)[len(times) // 2]
+    return {"prefill_ms": ms, "prefill_tok_s": PREFILL / ms * 1e3, "compile_s": compile_s,
+            "activation_peak_gib": _peak(before)}  # fmt: skip
+
+
+@torch.inference_mode()
+def bench_decode(model, kind: str, batch: int) -> dict:
+    compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead" if DEVICE == "cuda" else None)
+    cache = make_cache(model, kind, batch, CONTEXT + DECODE_STEPS + 8, CONTEXT)
+    kw = cache_kw(model)
+    ids = torch.randint(10, model.config.vocab_size, (batch, 1), device=DEVICE)
+
+    def step():
+        return compiled(input_ids=ids, use_cache=True, **{kw: cache})
+
+    def steps():
+        for _ in range(DECODE_STEPS):
+            step()
+
+    t = time.perf_counter()
+    for _ in range(3):
+        step()
+    sync()
+    compile_s = time.perf_counter() - t
+    before = _mem()
+    times = []
+    for _ in range(5):
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(CONTEXT)
+        times.append(time_cuda(steps, 1) / DECODE_STEPS)
+    ms = sorted(times)[2]
+    kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return {"decode_ms": ms, "decode_tok_s": batch / ms * 1e3, "compile_s": compile_s, "kv_cache_mib": kv_bytes / 2**20,
+            "activation_peak_gib": _peak(before)}  # fmt: skip
+
+
+@torch.inference_mode()
+def profile_table(model, kind: str, rows: int = 15) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    kw = cache_kw(model)
+    decode = torch.compile(model, fullgraph=True)
+    prefill_ids = torch.randint(10, model.config.vocab_size, (1, PREFILL), device=DEVICE)
+    for name, batch, ids_len, fill in (("decode_b1", 1, 1, CONTEXT), ("prefill", 1, PREFILL, 0)):
+        ids = prefill_ids[:, :ids_len]
+        cache = make_cache(model, kind, batch, CONTEXT + PREFILL, fill)
+        decode(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(fill)
+        sync()
+        cuda = DEVICE == "cuda"
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            decode(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+            sync()
+        out[name] = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--calib-samples", type=int, default=8)
+    p.add_argument("--budget-s", type=float, default=540)
+    p.add_argument("--models", default="static,bf16,dynamic")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="small shapes on the CPU: a smoke test of this script")
+    args = p.parse_args()
+    global CONTEXT, PREFILL, DEVICE
+    if args.tiny:
+        CONTEXT, PREFILL, DEVICE = 64, 64, "cpu"
+    start = time.perf_counter()
+    torch._dynamo.config.cache_size_limit = 64
+    result = json.loads(args.json.read_text()) if args.json.exists() else {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (tiny smoke test)", "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__, "layers": args.layers, "context": CONTEXT, "prefill": PREFILL, "models": {}}
+    base = build_model(args.layers, TINY if args.tiny else LLAMA3_8B)
+
+    def save():
+        args.json.write_text(json.dumps(result, indent=1))
+
+    for kind in args.models.split(","):
+        if time.perf_counter() - start > args.budget_s:
+            print("budget spent before", kind)
+            break
+        row = result["models"].setdefault(kind, {})
+        model = base
+        if kind != "bf16":
+            model, info = quantized(base, kind, args.calib_samples)
+            row.update(info)
+        row["weights_gib"] = model_bytes(model) / 2**30
+        cache_kind = "static" if kind == "static" else "hf"
+        row["prefill"] = bench_prefill(model, cache_kind)
+        save()
+        for batch in (1, 16):
+            if time.perf_counter() - start > args.budget_s:
+                break
+            row[f"decode_b{batch}"] = bench_decode(model, cache_kind, batch)
+            save()
+        if args.profile and kind == "static" and time.perf_counter() - start < args.budget_s:
+            row["profile"] = profile_table(model, cache_kind)
+            save()
+        print(kind, json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+        if model is not base:
+            del model
+        torch._dynamo.reset()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    print_table(result)
+
+
+def print_table(result: dict) -> None:
+    models = result["models"]
+    bf16 = models.get("bf16", {})
+    print(f"\n{result['device']}, {result['date']}, torch {result['torch']}, {result['layers']} layers")
+    print("| model | prefill 2048 ms | vs bf16 | decode b1 tok/s | vs bf16 | decode b16 tok/s | vs bf16 | KV MiB (b16) |"
+          " weights GiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for kind, row in models.items():
+        def cell(key, field, higher=True):
+            v = row.get(key, {}).get(field)
+            ref = bf16.get(key, {}).get(field)
+            if v is None:
+                return "-", "-"
+            ratio = (v / ref if higher else ref / v) if ref else None
+            return f"{v:.1f}", f"{ratio:.2f}x" if ratio else "-"
+
+        pre, pre_x = cell("prefill", "prefill_ms", higher=False)
+        d1, d1_x = cell("decode_b1", "decode_tok_s")
+        d16, d16_x = cell("decode_b16", "decode_tok_s")
+        kv = row.get("decode_b16", {}).get("kv_cache_mib")
+        weights = row.get("weights_gib", 0)
+        kv_s = f"{kv:.1f}" if kv else "-"
+        print(f"| {kind} | {pre} | {pre_x} | {d1} | {d1_x} | {d16} | {d16_x} | {kv_s} | {weights:.2f} |")
+    for name, table in models.get("static", {}).get("profile", {}).items():
+        print(f"\nstatic W4A4KV4, {name}:\n{table}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""torch.export + AOTInductor for a quantized model: one `.pt2` holding a prefill and a decode program.
+
+Both programs take the int KV cache explicitly and write it in place (`pq_ao.runtime` owns it between calls):
+
+    prefill(input_ids [B, T], length, *kv) -> logits [B, V]    T in [2, max_cache_len] (a dynamic dim)
+    decode (input_ids [B, 1], length, *kv) -> logits [B, V]
+
+`kv = k_0, v_0, k_1, v_1, ...` are the layers' code buffers (`QuantizedKVCache`: `[B, H_kv, S, D // 2]` uint8
+for 4-bit, `[B, H_kv, S, D]` int8 for 8-bit), `length` (int64 `[1]`) the number of tokens they hold; a call writes
+slots `length .. length + T - 1` and adds T to `length`. Logits are those of the last position. The prefix KV,
+rotations, scales and weights are constants of the programs; the batch size and `S` are fixed at export.
+
+The package's metadata (`get_metadata()["pq_ao"]`, JSON) describes the cache and the tokens, and the archive
+carries the tokenizer (`extra/pq_ao/tokenizer/`), so that `pq_ao.runtime` needs nothing but the `.pt2`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pq_ao.hf_compat import cache_kwarg
+from pq_ao.nn.kv_cache import QuantizedKVCache
+
+PROGRAMS = ("prefill", "decode")
+FORMAT = 1
+
+
+class CacheProgram(nn.Module):
+    """`model` as a function of (input_ids, length, *kv) -> last-position logits, writing the cache in place."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self._cache_kwarg = cache_kwarg(model)
+
+    def forward(self, input_ids: torch.Tensor, length: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+        cache = QuantizedKVCache.over(self.model, list(kv), length)
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
+        length.add_(input_ids.shape[1])
+        return out.logits[:, -1]
+
+
+def cache_spec(model: nn.Module, batch_size: int, max_cache_len: int) -> dict:
+    """What the runtime needs to allocate the cache and drive the programs (JSON-safe)."""
+    cache = QuantizedKVCache(model, max_cache_len)
+    codes = cache.empty_codes(batch_size, max_cache_len, "meta")
+    config = model.config
+    return {
+        "format": FORMAT,
+        "batch_size": batch_size,
+        "max_cache_len": max_cache_len,
+        "n_layers": len(cache.layers),
+        "kv_shape": list(codes.shape),
+        "kv_dtype": str(codes.dtype).removeprefix("torch."),
+        "kv_bits": cache.bits,
+        "vocab_size": config.vocab_size,
+        "prefix_ids": list(getattr(model, "pq_ao_prefix_ids", []) or []),
+        "eos_token_ids": _as_list(getattr(model.generation_config, "eos_token_id", None) or config.eos_token_id),
+        "pq_ao": getattr(getattr(model, "pq_ao_config", None), "name", None),
+        "device": next(model.parameters()).device.type,
+    }
+
+
+def _as_list(value) -> list[int]:
+    return [] if value is None else [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def example_inputs(spec: dict, seqlen: int, device) -> tuple:
+    dtype = getattr(torch, spec["kv_dtype"])
+    kv = [torch.zeros(spec["kv_shape"], dtype=dtype, device=device) for _ in range(2 * spec["n_layers"])]
+    ids = torch.ones(spec["batch_size"], seqlen, dtype=torch.long, device=device)
+    return (ids, torch.zeros(1, dtype=torch.long, device=device), *kv)
+
+
+@torch.no_grad()
+def export_programs(model: nn.Module, batch_size: int = 1, max_cache_len: int = 2048):
+    """(spec, {"prefill": ExportedProgram, "decode": ExportedProgram}) of a quantized model (static int KV)."""
+    if max_cache_len < 2:
+        raise ValueError(f"max_cache_len must be >= 2, got {max_cache_len}")
+    model.eval()
+    spec = cache_spec(model, batch_size, max_cache_len)
+    device = next(model.parameters()).device
+    program = CacheProgram(model)
+    seq = torch.export.Dim("seqlen", min=2, max=max_cache_len)
+    n_kv = 2 * spec["n_layers"]
+    eps = {
+        "prefill": torch.export.export(program, example_inputs(spec, 2, device),
+                                       dynamic_shapes=({1: seq}, None, (None,) * n_kv), strict=False),
+        "decode": torch.export.export(program, example_inputs(spec, 1, device), strict=False),
+    }  # fmt: skip
+    return spec, eps
+
+
+def compile_package(
+    model: nn.Module, path: str | Path, batch_size: int = 1, max_cache_len: int = 2048, tokenizer=None
+) -> Path:
+    """Export both programs and AOT-compile them into the `.pt2` at `path` (see the module docstring); the
+    tokenizer (default: the model's, from `pq_ao.load_model` / `load_quantized`) goes into the archive too."""
+    from torch._inductor.package import package_aoti
+
+    spec, eps = export_programs(model, batch_size, max_cache_len)
+    files = {}
+    for name, ep in eps.items():
+        options = {
+            "aot_inductor.package": True,
+            "aot_inductor.model_name_for_generated_files": name,
+            "aot_inductor.metadata": {"pq_ao": json.dumps(spec), "program": name},
+        }
+        args, kwargs = ep.example_inputs
+        files[name] = torch._inductor.aot_compile(_unguarded_module(ep), args, kwargs, options=options)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    package_aoti(str(path), files)
+    tokenizer = tokenizer or getattr(model, "pq_ao_tokenizer", None)
+    if tokenizer is not None:
+        _add_tokenizer(path, tokenizer)
+    return path
+
+
+TOKENIZER_DIR = "extra/pq_ao/tokenizer"  # inside the archive's root folder
+
+
+def _add_tokenizer(path: Path, tokenizer) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        with zipfile.ZipFile(path, "a") as z:
+            root = z.namelist()[0].split("/")[0]
+            for f in sorted(Path(tmp).iterdir()):
+                z.write(f, f"{root}/{TOKENIZER_DIR}/{f.name}")
+
+
+def _unguarded_module(ep) -> torch.fx.GraphModule:
+    """`ep.module()` as `aoti_compile_and_package` takes it (input guards are checked by the package itself)."""
+    try:
+        return ep.module(check_guards=False)
+    except TypeError:  # torch < 2.12 has no check_guards
+        return ep.module()

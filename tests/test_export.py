@@ -1,0 +1,114 @@
+"""Deployment: `pq-ao quantize` -> `pq-ao export` -> a .pt2 that generates, in a fresh process and without pq_ao,
+exactly the tokens the eager quantized model generates with its int4 cache."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import pq_ao
+from pq_ao import cli, export
+from pq_ao.hf_compat import cache_kwarg
+from pq_ao.nn.kv_cache import QuantizedKVCache
+
+RUNTIME = Path(pq_ao.__file__).parent / "runtime.py"
+MAX_LEN = 48
+
+
+def _eager_generate(model, ids, new_tokens):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                              **{cache_kwarg(model): QuantizedKVCache(model, max_cache_len=MAX_LEN)})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """(quantized dir, .pt2) of stories260K W4A4KV4, both made through the CLI."""
+    tmp = tmp_path_factory.mktemp("export")
+    qdir, pt2 = tmp / "q", tmp / "stories.pt2"
+    assert cli.main(["quantize", "--model", "stories260k", "--config", "w4a4kv4", "--out", str(qdir),
+                     "--n-samples", "8", "--calib-seqlen", "128", "--grid-samples", "1", "--grid-seqlen", "128"]) == 0
+    assert cli.main(["export", "--model", str(qdir), "--out", str(pt2), "--max-len", str(MAX_LEN)]) == 0
+    return qdir, pt2
+
+
+@pytest.fixture(scope="module")
+def quantized(package):
+    return pq_ao.load_quantized(package[0])
+
+
+def _prompt(tok):
+    return tok("Once upon a time there was a little", add_special_tokens=False, return_tensors="pt").input_ids
+
+
+def test_exported_programs_generate_like_eager(quantized):
+    model, tok = quantized
+    ids = _prompt(tok)
+    want = _eager_generate(model, ids, 12)
+    spec, eps = export.export_programs(model, batch_size=1, max_cache_len=MAX_LEN)
+    inputs = export.example_inputs(spec, 1, "cpu")
+    length, kv = inputs[1], inputs[2:]
+    with torch.no_grad():
+        logits = eps["prefill"].module()(ids, length, *kv)
+        out = ids
+        for _ in range(12):
+            nxt = logits.argmax(-1, keepdim=True)
+            out = torch.cat([out, nxt], 1)
+            logits = eps["decode"].module()(nxt, length, *kv)
+    assert torch.equal(out, want)
+    assert int(length) == ids.shape[1] + 12
+    assert {str(n.target) for n in eps["decode"].graph.nodes} >= {"pq_ao.kv_attention.default", "pq_ao.int_linear.default"}
+
+
+def test_package_generates_the_eager_tokens_in_a_fresh_process_without_pq_ao(package, quantized, tmp_path):
+    model, tok = quantized
+    ids = _prompt(tok)
+    want = _eager_generate(model, ids, 16)
+    torch.save((ids, want), tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import importlib.util, sys, torch
+        spec = importlib.util.spec_from_file_location("standalone_runtime", {str(RUNTIME)!r})
+        runtime = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(runtime)
+        ids, want = torch.load({str(tmp_path / 'io.pt')!r})
+        pkg = runtime.load({str(package[1])!r})
+        got = pkg.generate(ids, 16)
+        assert not any(k.split('.')[0] == 'pq_ao' for k in sys.modules), 'pq_ao got imported'
+        assert torch.equal(got, want), (got, want)
+        print('ok', pkg.generate_text('Once upon a time there was a little', 8))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    assert out.stdout.split("ok", 1)[1].strip() == tok.decode(want[0, ids.shape[1] : ids.shape[1] + 8]).strip()
+
+
+def test_cli_generate_prints_the_eager_continuation(package, quantized, capsys):
+    model, tok = quantized
+    ids = _prompt(tok)
+    want = tok.decode(_eager_generate(model, ids, 10)[0, ids.shape[1] :])
+    prompt = "Once upon a time there was a little"
+    assert cli.main(["generate", "--package", str(package[1]), "--prompt", prompt, "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out.strip() == want.strip()
+
+
+def test_package_metadata_and_runtime_errors(package):
+    from pq_ao import runtime
+
+    pkg = runtime.load(package[1])
+    spec = pkg.spec
+    assert spec["batch_size"] == 1 and spec["max_cache_len"] == MAX_LEN and spec["kv_bits"] == 4
+    assert spec["kv_dtype"] == "uint8" and spec["kv_shape"][2] == MAX_LEN and spec["prefix_ids"]
+    assert json.loads(json.dumps(spec)) == spec
+    with pytest.raises(ValueError, match="batch size 1"):
+        pkg.step(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceed"):
+        pkg.step(torch.ones(1, MAX_LEN + 1, dtype=torch.long))
+
+
+def test_export_cli_refuses_a_plain_model(tmp_path, capsys):
+    assert cli.main(["export", "--model", "stories260k", "--out", str(tmp_path / "x.pt2")]) == 1
+    assert "not a quantized model directory" in capsys.readouterr().err
