@@ -39,9 +39,6 @@ def main() -> None:
     torch.cuda.synchronize()
     row.update(quantize_s_cuda=time.perf_counter() - t, prefix=report.prefix.prefix_tokens, seconds=report.seconds)
     print(json.dumps(row), flush=True)
-    if "deploy" not in args.skip:
-        row["deploy"] = check_deploy.run(model, tok, "smollm2-135m", "fp32", max_len=256, new_tokens=32, out=args.out)
-        print(json.dumps(row["deploy"], indent=1), flush=True)
     if "ppl" not in args.skip:
         with torch.inference_mode():
             gpu = perplexity(model, tok, seqlen=2048, max_windows=args.windows, progress=False)
@@ -51,6 +48,11 @@ def main() -> None:
             cpu = perplexity(model, tok, seqlen=2048, max_windows=args.windows, progress=False)
             row.update(ppl_cpu_reference=cpu.ppl, eval_s_cpu=cpu.seconds)
         row["rel_diff"] = abs(row["ppl_cuda"] - row["ppl_cpu_reference"]) / row["ppl_cpu_reference"]
+        (args.out / "check_smollm2.json").write_text(json.dumps(row, indent=1))
+        model.to("cuda")
+    if "deploy" not in args.skip:
+        row["deploy"] = check_deploy.run(model, tok, "smollm2-135m", "fp32", max_len=256, new_tokens=32, out=args.out)
+        print(json.dumps(row["deploy"], indent=1), flush=True)
     print(json.dumps(row, indent=1))
     (args.out / "check_smollm2.json").write_text(json.dumps(row, indent=1))
 

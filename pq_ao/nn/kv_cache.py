@@ -64,7 +64,6 @@ class QuantizedKVCache(Cache):
         self.bits = attns[0].k_quant.bits
         self.n_kv_heads, self.head_dim = attns[0].n_kv_heads, attns[0].head_dim
         super().__init__(layers=[QuantizedKVLayer(max_cache_len, a.k_quant.bits) for a in attns])
-        self.max_cache_len = max_cache_len
         if batch_size is not None:
             device = device if device is not None else attns[0].k_quant.scale.device
             for layer in self.layers:
@@ -106,4 +105,4 @@ class QuantizedKVCache(Cache):
     def bf16_nbytes(self) -> int:
         """What a bf16 cache of the same shape would hold."""
         per_slot = 2 * self.n_kv_heads * self.head_dim * 2
-        return sum(layer.batch_size * self.max_cache_len * per_slot for layer in self.layers if layer.is_initialized)
+        return sum(layer.batch_size * layer.max_cache_len * per_slot for layer in self.layers if layer.is_initialized)

@@ -330,7 +330,7 @@ def kv_attention_with_config(q, k_codes, v_codes, k_scale, v_scale, prefix_k, pr
     # empty operands (P = 0, S = 0) are never read: any valid pointer will do
     k_op, v_op = (k_codes, v_codes) if S > 0 else (q, q)
     pk_op, pv_op = (prefix_k, prefix_v) if P > 0 else (q, q)
-    mask_op = mask.view(torch.uint8) if S > 0 else q
+    mask_op = mask.to(torch.uint8) if S > 0 else q
     rows = B * Hkv * M
     if splits > 1:
         part = torch.empty((rows, splits, D), dtype=torch.float32, device=q.device)

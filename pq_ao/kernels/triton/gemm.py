@@ -308,6 +308,9 @@ def skinny_config(M: int, N: int, K: int, w_bits: int, block_n: int = 32, block_
     return GemmConfig(16, block_n, block_k, num_warps, num_stages, group_m=1, split_k=split)
 
 
+PREFILL_M = 4096  # the M bucket used for programs exported with a dynamic M (prefill)
+
+
 def pick_config(M: int, N: int, K: int, a_bits: int, w_bits: int) -> GemmConfig:
     """Per-M-bucket winners of the H100 sweep (geometric mean over the Llama-3-8B shapes; docs/kernels.md)."""
     if M <= 4 and dp4a_supported(K, a_bits, w_bits):
@@ -352,8 +355,9 @@ def int_linear_with_config(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_d
         x2 = x2.contiguous()
     w2 = wq if wq.stride(-1) == 1 else wq.contiguous()
     M, N = x2.shape[0], w2.shape[0]
+    symbolic = not isinstance(M, int)  # torch.export with a dynamic sequence length: M is a SymInt
     out = torch.empty((M, N), dtype=out_dtype, device=xq.device)
-    if M == 0:
+    if not symbolic and M == 0:
         return out.reshape(*lead, N)
     per_token = x_scale.numel() != 1
     if per_token:
@@ -368,7 +372,8 @@ def int_linear_with_config(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_d
     if ws.dtype != torch.float32:
         ws = ws.float()
     if cfg is None:
-        cfg = pick_config(M, N, K, a_bits, w_bits)
+        # A symbolic M takes the large-M (prefill) config: branching on it would specialise the exported dim.
+        cfg = pick_config(PREFILL_M if symbolic else M, N, K, a_bits, w_bits)
     has_bias = bias is not None
     b = bias if has_bias else ws
     flags = dict(A_BITS=a_bits, W_BITS=w_bits, HAS_BIAS=has_bias, PER_TOKEN=per_token, INTERP=interpreting())

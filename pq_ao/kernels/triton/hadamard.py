@@ -111,7 +111,7 @@ def _hadamard_kernel(
         rmask = offs_r[:, None] < M
         rows = offs_r.to(tl.int64)[:, None]
         x = tl.load(x_ptr + rows * stride_xm + offs_c[None, :], mask=rmask, other=0.0)
-        y = _dot_f32_bf16(x, h_c, X_BF16, INTERP) * inv_sqrt_n
+        y = (_dot_f32_bf16(x, h_c, X_BF16, INTERP) * inv_sqrt_n).to(tl.float32)  # fp64 scalar under inductor
         out_base = out_ptr + rows * stride_om
         mask = rmask
     else:
@@ -128,7 +128,7 @@ def _hadamard_kernel(
             hk = tl.load(hk_ptr + (i // P1) * KH + (j // P1), mask=(i < A) & (j < A), other=0.0).to(tl.float32)
             m_a = m_a * hk
         m_a = tl.where((i < A) & (j < A), m_a, 0.0)
-        y = _f32_dot_f32(m_a, z, HK_EXACT, INTERP) * inv_sqrt_n
+        y = (_f32_dot_f32(m_a, z, HK_EXACT, INTERP) * inv_sqrt_n).to(tl.float32)
         out_base = out_ptr + row * stride_om + offs_a[:, None] * (C // 2 if QUANT and BITS == 4 else C)
         mask = amask
     if QUANT:
