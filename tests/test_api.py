@@ -142,6 +142,15 @@ def test_token_id_calibration_and_torchao_configs_pass_through():
 
     from torchao.quantization import Int8WeightOnlyConfig
 
+    # with the prefix too: no tokenizer needed, the separator comes from the model config
+    model, _ = pq_ao.load_model("stories260k", dtype=torch.float32)
+    del model.pq_ao_tokenizer
+    model.name_or_path = model.config._name_or_path = ""
+    report = pq_ao.quantize_(model, prefixquant_w4a4(calibration=_calib(), **{k: v for k, v in SMALL.items()
+                                                                              if "samples" in k}))  # fmt: skip
+    assert report.prefix.prefix_ids[-1] == model.config.bos_token_id
+    assert report.prefix.prefix_tokens[-1] == f"<{model.config.bos_token_id}>"
+
     plain, _ = pq_ao.load_model("stories260k", dtype=torch.float32)
     pq_ao.quantize_(plain, Int8WeightOnlyConfig())
     assert type(plain.model.layers[0].mlp.up_proj.weight).__name__ != "Parameter"
