@@ -109,7 +109,8 @@ def compile_package(
     for name, ep in eps.items():
         # (no "aot_inductor.model_name_for_generated_files": with it the CPU programs computed wrong logits,
         # 9-12% off, on torch 2.13; package_aoti keeps the two programs' files apart by model name anyway)
-        options = {"aot_inductor.package": True, "aot_inductor.metadata": {"pq_ao": json.dumps(spec), "program": name}}
+        meta = {"pq_ao": json.dumps(spec), "program": name}
+        options = {"aot_inductor.package": True, "aot_inductor.metadata": meta}
         args, kwargs = ep.example_inputs
         files[name] = torch._inductor.aot_compile(_unguarded_module(ep), args, kwargs, options=options)
     path = Path(path)
