@@ -98,14 +98,18 @@ def test_transform_contract(n):
 
 def test_transform_dtypes_and_errors():
     k, had_k = hadamard_factor(1536)
-    x = torch.randn(5, 1536)
+    x = torch.randn(5, 1536, generator=torch.Generator().manual_seed(0))
     ref = hadamard_transform(x.double(), had_k)
     assert hadamard_transform(x, had_k.float()).dtype == torch.float32
     torch.testing.assert_close(hadamard_transform(x, had_k.float()).double(), ref, rtol=1e-5, atol=1e-5)
     xb = x.bfloat16()
     yb = hadamard_transform(xb, had_k)
     assert yb.dtype == torch.bfloat16
-    torch.testing.assert_close(yb.double(), hadamard_transform(xb.double(), had_k).bfloat16().double())
+    # bf16 is computed in fp32 and rounded once: exactly the fp32 transform rounded, and within one bf16 ulp of the
+    # fp64 value rounded (fp32's own error can cross a bf16 rounding boundary: seen once in 7680 values)
+    assert torch.equal(yb, hadamard_transform(xb.float(), had_k.float()).bfloat16())
+    exact = hadamard_transform(xb.double(), had_k).bfloat16().double()
+    assert ((yb.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-30).all()
     torch.testing.assert_close(hadamard_transform(x[:, :64]), hadamard_transform(x[:, :64], torch.ones(1, 1)))
     with pytest.raises(ValueError, match="K \\* 2\\*\\*m"):
         hadamard_transform(torch.randn(3, 100), had_k)
