@@ -60,23 +60,25 @@ def _halves(x, ROWS: tl.constexpr, HALF: tl.constexpr):
 # where the ulp is 1), so a half reads 2**e + 8 + code (code ^ 8 is code + 8 in offset binary); a packed fma
 # subtracts 2**e + 8. Exact, about 1.5 instructions per value instead of an int -> float convert per value (a
 # quarter-rate op).
-_NIBBLE_ASM = """{{
-.reg .b32 t, u, one, neg;
-mov.b32 one, {one};
-mov.b32 neg, {neg};
-prmt.b32 t, $2, 0, 0x4140;{shift}
-lop3.b32 u, t, 0x000F000F, {magic}, 0x6a;
-fma.rn.{ty}x2 $0, u, one, neg;
-prmt.b32 t, $2, 0, 0x4342;{shift}
-lop3.b32 u, t, 0x000F000F, {magic}, 0x6a;
-fma.rn.{ty}x2 $1, u, one, neg;
-}}"""
+# One line: inductor copies kernel globals as repr()s into a triple-quoted source string, where torch 2.11 turns
+# a repr's escaped newline back into a real one and the generated module no longer parses.
+_NIBBLE_ASM = " ".join((
+    "{{ .reg .b32 t, u, one, neg;",
+    "mov.b32 one, {one};",
+    "mov.b32 neg, {neg};",
+    "prmt.b32 t, $2, 0, 0x4140;{shift}",
+    "lop3.b32 u, t, 0x000F000F, {magic}, 0x6a;",
+    "fma.rn.{ty}x2 $0, u, one, neg;",
+    "prmt.b32 t, $2, 0, 0x4342;{shift}",
+    "lop3.b32 u, t, 0x000F000F, {magic}, 0x6a;",
+    "fma.rn.{ty}x2 $1, u, one, neg; }}",
+))
 _BF16 = dict(one="0x3F803F80", neg="0xC308C308", magic="0x43084308", ty="bf16")  # 1.0, -136.0, 136 | 0
 _FP16 = dict(one="0x3C003C00", neg="0xE408E408", magic="0x64086408", ty="f16")  # 1.0, -1032.0, 1032 | 0
 NIBBLE_LO_BF16 = tl.constexpr(_NIBBLE_ASM.format(shift="", **_BF16))
-NIBBLE_HI_BF16 = tl.constexpr(_NIBBLE_ASM.format(shift="\nshr.b32 t, t, 4;", **_BF16))
+NIBBLE_HI_BF16 = tl.constexpr(_NIBBLE_ASM.format(shift=" shr.b32 t, t, 4;", **_BF16))
 NIBBLE_LO_FP16 = tl.constexpr(_NIBBLE_ASM.format(shift="", **_FP16))
-NIBBLE_HI_FP16 = tl.constexpr(_NIBBLE_ASM.format(shift="\nshr.b32 t, t, 4;", **_FP16))
+NIBBLE_HI_FP16 = tl.constexpr(_NIBBLE_ASM.format(shift=" shr.b32 t, t, 4;", **_FP16))
 
 
 @triton.jit

@@ -406,9 +406,11 @@ def _launch_gemv(x_op, xs, w2, ws, b, out, M, N, K, cfg, flags, kw, quant_x=None
     split = triton.cdiv(KW, kw_per_split)
     tiles = triton.cdiv(N, cfg.block_n)
     ws_acc, ws_cnt = _workspace(split, M, N, tiles, out)
-    kw = dict(kw, SPLIT_K=split > 1)
-    if quant_x is not None:
-        kw.update(QUANT_X=True, QMIN=quant_x[0], QMAX=quant_x[1])
+    # every kernel argument explicitly, defaults too: inductor's mutation analysis (torch 2.11) rejects a launch
+    # that leaves one out, then treats every input as mutated (and re-derives that at each call site: minutes of
+    # AOTI compile for a 30-layer model)
+    qmin, qmax = quant_x if quant_x is not None else (0, 0)
+    kw = dict(kw, SPLIT_K=split > 1, QUANT_X=quant_x is not None, QMIN=qmin, QMAX=qmax)
     torch.library.wrap_triton(_int_gemv_kernel)[(tiles, split)](
         x_op, ww, xs, ws, b, out, ws_acc, ws_cnt, M, N, KW, kw_per_split, split,
         x_op.stride(0), ww.stride(0), out.stride(0), 1, **flags, **kw,
