@@ -18,7 +18,6 @@ import hashlib
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor
 
 from pq_ao import hadamard, quant_math
