@@ -12,7 +12,8 @@ For block i, with X its input from the already-quantized blocks 0..i-1 and Y = t
    (resolution ~0.04, 11 block-tail passes; the paper's code searches 0.2..1 more finely, but each point costs a
    block pass and the objective is smooth at that scale); dynamic: 0.6..1.0 (9 points). Earlier
    sites keep their chosen factor while later ones are searched (coordinate descent, where the paper's code
-   tunes each quantizer alone). Only the part of the block downstream of a site is recomputed.
+   tunes each quantizer alone). Only the part of the block downstream of a site is recomputed, from the
+   intermediates of the previous site's winning evaluation.
    A fixed `config.act_clip` / `kv_clip` (QuaRot's 0.9 / 0.95) replaces the activation / K-V search.
 Then X <- quantized block(X) for block i+1. Ties go to the later grid point, as the paper's code does.
 """
@@ -214,9 +215,10 @@ class BlockCalibrator:
         return clips["k"], clips["v"]
 
     # -- step 3 ------------------------------------------------------------------------------------------------
-    def _capture(self, bs: BlockSites, x: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
-        """One block run keeping what the site tails need: o_proj's input `a`, the mid residual `h` (mlp_norm's
-        input), the MLP input `n2` and down_proj's input `u`."""
+    def _tail(self, bs: BlockSites, site: str, x: torch.Tensor, kwargs: dict, cap: dict):
+        """The block output recomputed from the first module that reads `site` (pre-norm residual block), and what
+        the later sites' tails start from, captured on the way: o_proj's input `a`, the mid residual `h`
+        (mlp_norm's input), the MLP input `n2` and down_proj's input `u`."""
         got: dict[str, list] = {"a": [], "h": [], "n2": [], "u": []}
 
         def keep(key):
@@ -225,66 +227,79 @@ class BlockCalibrator:
 
             return fn
 
-        pairs = (("a", bs.o), ("h", bs.mlp_norm), ("n2", bs.mlp), ("u", bs.down))
+        pairs = {"qkv": (("a", bs.o), ("h", bs.mlp_norm), ("n2", bs.mlp), ("u", bs.down)),
+                 "o": (("n2", bs.mlp), ("u", bs.down)), "gate_up": (("u", bs.down),), "down": ()}[site]  # fmt: skip
         handles = [mod.register_forward_pre_hook(keep(key)) for key, mod in pairs]
         try:
-            _run(bs.block, x, kwargs, self.chunk)
+            if site == "qkv":
+                out = _run(bs.block, x, kwargs, self.chunk)
+            elif site == "o":
+                h = x + bs.o(cap["a"])
+                got["h"].append(h)
+                out = h + bs.mlp(bs.mlp_norm(h))
+            elif site == "gate_up":
+                out = cap["h"] + bs.mlp(cap["n2"])
+            else:
+                out = cap["h"] + bs.down(cap["u"])
         finally:
             for h in handles:
                 h.remove()
-        return {k: torch.cat(v) for k, v in got.items()}
+        return out, {**cap, **{k: torch.cat(v) for k, v in got.items() if v}}
 
-    def _tail(self, bs: BlockSites, site: str, x: torch.Tensor, kwargs: dict, cap: dict) -> torch.Tensor:
-        """The block output recomputed from the first module that reads `site` (pre-norm residual block)."""
-        if site == "qkv":
-            return _run(bs.block, x, kwargs, self.chunk)
-        if site == "o":
-            h = x + bs.o(cap["a"])
-            return h + bs.mlp(bs.mlp_norm(h))
-        if site == "gate_up":
-            return cap["h"] + bs.mlp(cap["n2"])
-        return cap["h"] + bs.down(cap["u"])
-
-    def _act(self, bs: BlockSites, x, kwargs, y) -> dict[str, float]:
+    def _act(self, bs: BlockSites, x, kwargs, y) -> tuple[dict[str, float], torch.Tensor, float]:
+        """Search the sites in order. Returns the chosen clips, the block output with all of them, and the error
+        with every activation at its min-max scale (a point of every search). Each site's tails start
+        from the intermediates of the previous site's winning evaluation (the same tensors a fresh pass computes:
+        only the sites downstream of them changed), and the last winner's output is the block output."""
         cfg = self.cfg
-        if cfg.a_bits >= 16:
-            return {}
-        chosen = {}
         field = "act_scale" if cfg.act_mode == "static" else "act_clip"  # what the clip factor multiplies
+        if cfg.a_bits >= 16 or cfg.act_clip is not None or not cfg.grid_search:
+            out = _run(bs.block, x, kwargs, self.chunk)
+            if cfg.a_bits >= 16:
+                return {}, out, _mse(out, y)
+            best = 1.0 if cfg.act_clip is None else cfg.act_clip
+            for site in SITES:
+                for lin in bs.linears(site):
+                    getattr(lin.weight, field).mul_(best)
+            final = out if best == 1.0 else _run(bs.block, x, kwargs, self.chunk)
+            return {s: best for s in SITES}, final, _mse(out, y)
+        chosen, cap, out, mse_minmax = {}, {}, None, 0.0
         for site in SITES:
             lins = bs.linears(site)
             base = [getattr(lin.weight, field).clone() for lin in lins]
-            searched = cfg.act_clip is None and cfg.grid_search
-            cap = self._capture(bs, x, kwargs) if site != "qkv" and searched else {}
+            errs: dict[float, float] = {}
+            winner: dict = {}
 
-            def objective(a: float) -> float:
+            def objective(a: float, site=site, lins=lins, base=base, errs=errs, winner=winner, prev=cap) -> float:
                 for lin, b in zip(lins, base):
                     getattr(lin.weight, field).copy_(b * a)
-                return _mse(self._tail(bs, site, x, kwargs, cap), y)
+                tail, tail_cap = self._tail(bs, site, x, kwargs, prev)
+                errs[a] = _mse(tail, y)
+                pts = sorted(errs)
+                if _argmin([errs[p] for p in pts], pts) == a:  # the final winner is the best when it is evaluated
+                    winner.update(a=a, out=tail, cap=tail_cap)
+                return errs[a]
 
-            if cfg.act_clip is not None:
-                best = cfg.act_clip
-            elif not cfg.grid_search:
-                best = 1.0
-            elif cfg.act_mode == "static":
+            if cfg.act_mode == "static":
                 best = _coarse_to_fine(objective, STATIC_COARSE, STATIC_REFINE_ROUNDS)
             else:
                 best = _argmin([objective(a) for a in DYNAMIC_GRID], DYNAMIC_GRID)
+            assert winner["a"] == best
             for lin, b in zip(lins, base):
                 getattr(lin.weight, field).copy_(b * best)
-            chosen[site] = best
-        return chosen
+            if site == "qkv":
+                mse_minmax = errs[1.0]  # every grid holds 1.0
+            chosen[site], cap, out = best, winner["cap"], winner["out"]
+        return chosen, out, mse_minmax
 
     @torch.no_grad()
     def __call__(self, bs: BlockSites, x: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, BlockPlan]:
         y, grams, qkv = self._grams(bs, x, kwargs)
         self._convert(bs, grams)
         k_clip, v_clip = self._kv(bs, qkv)
-        plan = BlockPlan(act_clip={}, k_clip=k_clip, v_clip=v_clip)
-        plan.mse_before = _mse(_run(bs.block, x, kwargs, self.chunk), y)
-        plan.act_clip = self._act(bs, x, kwargs, y)
-        x_next = _run(bs.block, x, kwargs, self.chunk)
-        plan.mse_after = _mse(x_next, y)
+        act_clip, x_next, mse_minmax = self._act(bs, x, kwargs, y)
+        plan = BlockPlan(act_clip=act_clip, k_clip=k_clip, v_clip=v_clip, mse_before=mse_minmax,
+                         mse_after=_mse(x_next, y))
         return x_next, plan
 
 
