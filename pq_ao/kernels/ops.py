@@ -1,8 +1,9 @@
 """The `pq_ao::` operators: `torch.library.triton_op`s whose body picks the implementation by device.
 
 CUDA -> the launcher of the same name in `pq_ao.kernels.triton` (same signature as the reference; it calls
-`wrap_triton`), falling back to the reference when that module or function is missing; anything else -> the
-plain-torch reference (`pq_ao.kernels.reference`).
+`wrap_triton`), falling back to the reference when that module or function is missing; `int_linear` on CPU ->
+`pq_ao.kernels.cpu` (oneDNN int8, eager only) where it is exact; anything else -> the plain-torch reference
+(`pq_ao.kernels.reference`).
 
 Why `triton_op` for both: eager calls the body directly; `torch.compile` decomposes the op into its body (inductor
 inlines the aten ops of the reference on CPU, or compiles the wrapped Triton kernels on CUDA); `torch.export`
@@ -19,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pq_ao.kernels import reference
+from pq_ao.kernels import cpu, reference
 
 __all__ = [
     "hadamard_transform", "quantize_static", "hadamard_quantize_static", "quantize_dynamic", "int_linear",
@@ -90,6 +91,8 @@ def int_linear(
 ) -> torch.Tensor:
     if _on_cuda(xq) and _triton_int_linear is not None:
         return _triton_int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
+    if cpu.usable(xq, wq, a_bits, w_bits):
+        return cpu.int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
     return reference.int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
 
 

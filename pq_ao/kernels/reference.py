@@ -181,22 +181,8 @@ def _exact_matmul(x: torch.Tensor, w: torch.Tensor, a_bits: int, w_bits: int) ->
     return acc
 
 
-def int_linear(
-    xq: torch.Tensor,
-    x_scale: torch.Tensor,
-    wq: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    a_bits: int,
-    w_bits: int,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """`(xq @ wq.T).float() * x_scale * w_scale + bias` -> out_dtype, the integer product exact (see module doc).
-
-    xq: int8 `[..., K]` (a_bits 8) or packed uint8 `[..., K // 2]` (a_bits 4); x_scale fp32 `[1]` (static
-    per-tensor) or `[..., 1]` (dynamic per-token, as quantize_dynamic returns it). wq: int8 `[N, K]` or packed
-    uint8 `[N, K // 2]`; w_scale fp32 `[N]`. bias: `[N]` of any float dtype (added in fp32) or None.
-    """
+def check_int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype) -> tuple[tuple[int, ...], int, int]:
+    """Validate `int_linear`'s arguments; returns (leading dims of xq, N, K)."""
     _check_qdata(xq, a_bits, "xq")
     _check_qdata(wq, w_bits, "wq")
     if wq.dim() != 2:
@@ -217,13 +203,39 @@ def int_linear(
             raise ValueError(f"bias must have shape [{n}], got {list(bias.shape)}")
     if out_dtype not in _FLOATS:
         raise TypeError(f"out_dtype must be a float dtype, got {out_dtype}")
-    x2 = _unpack(xq.reshape(-1, xq.shape[-1]), a_bits)
-    acc = _exact_matmul(x2, _unpack(wq, w_bits), a_bits, w_bits)
+    return lead, n, k
+
+
+def int_linear_epilogue(acc, x_scale, w_scale, bias, lead, n, out_dtype) -> torch.Tensor:
+    """`acc.float() * x_scale * w_scale + bias.float()` in fp32, left to right, then out_dtype; acc `[M, N]` holds
+    the integer product (fp32, fp64 or int32)."""
     y = acc.float() if acc.dtype != torch.float32 else acc  # a fresh tensor either way: update it in place
     y.mul_(x_scale.reshape(-1, 1)).mul_(w_scale)
     if bias is not None:
         y.add_(bias.float())
     return y.reshape(*lead, n).to(out_dtype)
+
+
+def int_linear(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_bits: int,
+    w_bits: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`(xq @ wq.T).float() * x_scale * w_scale + bias` -> out_dtype, the integer product exact (see module doc).
+
+    xq: int8 `[..., K]` (a_bits 8) or packed uint8 `[..., K // 2]` (a_bits 4); x_scale fp32 `[1]` (static
+    per-tensor) or `[..., 1]` (dynamic per-token, as quantize_dynamic returns it). wq: int8 `[N, K]` or packed
+    uint8 `[N, K // 2]`; w_scale fp32 `[N]`. bias: `[N]` of any float dtype (added in fp32) or None.
+    """
+    lead, n, _ = check_int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
+    x2 = _unpack(xq.reshape(-1, xq.shape[-1]), a_bits)
+    acc = _exact_matmul(x2, _unpack(wq, w_bits), a_bits, w_bits)
+    return int_linear_epilogue(acc, x_scale, w_scale, bias, lead, n, out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
