@@ -1,7 +1,7 @@
 """`quantize_`: the PrefixQuant pipeline for a `PrefixQuantConfig`, torchao's `quantize_` for any other config.
 
 Pipeline (docs/architecture.md): structure -> fold norms -> rotate (R1, R2 fused; R3, R4 online) -> outlier
-tokens -> prefix KV -> statistics -> block-wise grid search + conversion. In place, like torchao's.
+tokens -> prefix KV -> block-wise statistics, grid search and conversion. In place, like torchao's.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pq_ao.calibration.grid_search import BlockPlan, calibrate_blocks
 from pq_ao.calibration.outliers import PrefixReport, find_prefix, top_median_ratio
 from pq_ao.calibration.prefix_kv import install_prefix
 from pq_ao.calibration.sites import block_sites
-from pq_ao.calibration.stats import collect_stats
 from pq_ao.config import PrefixQuantConfig
 from pq_ao.passes import attach_attention, find_structure, fold_norms, rotate_model
 
@@ -77,7 +76,7 @@ def _optional_tokenizer(model: nn.Module):
 
 
 def calibration_data(config: PrefixQuantConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(statistics tokens [n_samples, seqlen], grid-search tokens [grid_samples, grid_seqlen])."""
+    """(outlier-search tokens [n_samples, seqlen], block-wise calibration tokens [grid_samples, grid_seqlen])."""
     from pq_ao import data
 
     calib = config.calibration
@@ -86,15 +85,16 @@ def calibration_data(config: PrefixQuantConfig, tokenizer) -> tuple[torch.Tensor
     if tokenizer is None:
         raise ValueError("calibration text needs a tokenizer: pass token ids instead")
     text = list(calib) if isinstance(calib, (list, tuple)) else calib
-    stats = data.calibration_tokens(tokenizer, text, n=config.n_samples, seqlen=config.seqlen, seed=config.seed)
+    outlier = data.calibration_tokens(tokenizer, text, n=config.n_samples, seqlen=config.seqlen, seed=config.seed)
     grid = data.calibration_tokens(
         tokenizer, text, n=config.grid_samples, seqlen=config.grid_seqlen, seed=config.seed + 1
     )
-    return stats, grid
+    return outlier, grid
 
 
 def _split_ids(ids: torch.Tensor, config: PrefixQuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids given directly serve both the statistics and the grid search (as given; no re-windowing)."""
+    """Token ids given directly serve both the outlier search and the block-wise calibration (as given; no
+    re-windowing)."""
     return ids[: config.n_samples], ids[: config.grid_samples]
 
 
@@ -113,7 +113,7 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
     elif tokenizer is None:  # token ids need no tokenizer; the prefix separator then comes from the config
         tokenizer = _optional_tokenizer(model)
     model.eval()
-    stats_ids, grid_ids = calibration_data(config, tokenizer)
+    outlier_ids, grid_ids = calibration_data(config, tokenizer)
     lap("data")
     structure = find_structure(model)
     fold_norms(model, structure)
@@ -126,14 +126,12 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
     prefix = None
     if config.prefix:
         downs = [b.down for b in blocks]
-        prefix = find_prefix(model, downs, stats_ids, tokenizer, config.eta, config.max_prefix_len)
+        prefix = find_prefix(model, downs, outlier_ids, tokenizer, config.eta, config.max_prefix_len)
         install_prefix(model, [b.attn for b in blocks], prefix.prefix_ids)
     lap("prefix")
-    stats = collect_stats(model, blocks, stats_ids)
+    plans, stats = calibrate_blocks(model, blocks, grid_ids, config)
     if prefix is not None:
         prefix.ratio_after = top_median_ratio(stats.down_token_max_tensor()).tolist()
-    lap("statistics")
-    plans = calibrate_blocks(model, blocks, grid_ids, config, stats)
     lap("grid_search")
     t.pop("start"), t.pop("_last")
     report = QuantizationReport(config=config.to_dict(), prefix=prefix, blocks=plans, seconds=t)

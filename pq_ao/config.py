@@ -32,9 +32,10 @@ class PrefixQuantConfig(AOBaseConfig):
 
     Calibration data: a LongTensor of token ids `[n, seqlen]`, a list of strings (tokenized with the model's
     tokenizer), or a dataset name from `pq_ao.data` (default `"c4"`). `n_samples x seqlen` tokens feed the outlier
-    search and the statistics; `grid_samples x grid_seqlen` feed the grid search. The defaults (32 x 512, 2 x 512)
-    keep a 135M model at a few minutes on a 2-core CPU; the paper used 64 x 512 and 8 x 1024 (pass them for
-    fidelity on a GPU: the grid search costs ~50 block passes per block over its tokens).
+    search; `grid_samples x grid_seqlen` feed the block-wise calibration (min-max statistics and grid search).
+    The defaults (32 x 512, 2 x 512) quantize a 135M model in about 90 s on a 2-core CPU; the paper used 64 x 512
+    and 8 x 1024 (pass them for fidelity on a GPU: the calibration costs ~32 block passes per block over its
+    tokens).
     """
 
     w_bits: int = 4

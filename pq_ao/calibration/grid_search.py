@@ -1,6 +1,8 @@
 """Block-wise calibration: min-max init, grid search of clip factors, conversion, one block at a time.
 
 For block i, with X its input from the already-quantized blocks 0..i-1 and Y = the full-precision block on X:
+0. one run of the full-precision block gives Y, the min-max statistics of every quantizer (`stats.py`) and the
+   Gram matrix of each site's input;
 1. weights: per output channel, the clip factor in {1.00, 0.95, .., 0.55} minimising that channel's output error
    ||X_lin (w - q(w))||^2 (computed through the Gram matrix X_lin^T X_lin), then every linear is converted to an
    `IntxLinearWeight` (the evaluated model is the converted model);
@@ -136,28 +138,33 @@ def weight_clip(w: torch.Tensor, gram: torch.Tensor, bits: int) -> torch.Tensor:
 class BlockCalibrator:
     """Runs steps 1-3 of the module docstring on one block."""
 
-    def __init__(self, config, stats: ActStats, chunk: int = 4):
+    def __init__(self, config, chunk: int = 4):
         self.cfg = config
-        self.stats = stats
+        self.stats = ActStats()
         self.chunk = chunk
 
     # -- step 1 ------------------------------------------------------------------------------------------------
     def _grams(self, bs: BlockSites, x: torch.Tensor, kwargs: dict):
-        grams: dict[int, torch.Tensor] = {}
+        """One run of the full-precision block: its output, the Gram matrix of each site's input (after R4 for
+        down_proj), q/k/v, and the block's statistics (into `self.stats`)."""
+        grams: dict[str, torch.Tensor] = {}
         qkv: list = []
 
-        def hook(lin):
+        def hook(site):
             def fn(_mod, args):
-                inp = effective_input(lin, args[0]).reshape(-1, args[0].shape[-1]).float()
+                inp = effective_input(_mod, args[0])
+                self.stats.observe_site(bs.index, site, args[0], inp)
+                inp = inp.reshape(-1, args[0].shape[-1]).float()
                 g = inp.T @ inp
-                grams[id(lin)] = grams[id(lin)] + g if id(lin) in grams else g
+                grams[site] = grams[site] + g if site in grams else g
 
             return fn
 
         def observer(_mod, q, k, v):
+            self.stats.observe_kv(bs.index, k, v)
             qkv.append((q.float(), k.float(), v.float()))
 
-        handles = [lin.register_forward_pre_hook(hook(lin)) for _, lin in bs.all_linears()]
+        handles = [bs.linears(site)[0].register_forward_pre_hook(hook(site)) for site in SITES]
         bs.attn.observer = observer
         try:
             y = _run(bs.block, x, kwargs, self.chunk)
@@ -176,7 +183,7 @@ class BlockCalibrator:
             absmax = torch.tensor([self.stats.act[(bs.index, site)]], device=bs.o.weight.device)
             s0 = quant_math.scale_from_absmax(absmax, cfg.a_bits) if static else None
             for lin in bs.linears(site):
-                clip = weight_clip(lin.weight.detach(), grams[id(lin)], cfg.w_bits) if cfg.grid_search else None
+                clip = weight_clip(lin.weight.detach(), grams[site], cfg.w_bits) if cfg.grid_search else None
                 new = quantize_linear(
                     lin, w_bits=cfg.w_bits, a_bits=cfg.a_bits, act_mode=cfg.act_mode, act_scale=s0, clip=clip,
                     act_clip=1.0 if dynamic else None,
@@ -347,12 +354,12 @@ def _set_kv(quant: KVQuantizer, base_absmax: torch.Tensor, a) -> None:
         quant.clip = float(a if isinstance(a, float) else a[0])
 
 
-def calibrate_blocks(model: nn.Module, blocks: list[BlockSites], tokens: torch.Tensor, config, stats: ActStats):
-    """Steps 1-3 for every block in order; returns the per-block plans."""
+def calibrate_blocks(model: nn.Module, blocks: list[BlockSites], tokens: torch.Tensor, config):
+    """Steps 1-3 for every block in order; returns the per-block plans and the statistics gathered."""
     x, kwargs = capture_block_inputs(model, blocks[0].block, tokens)
-    cal = BlockCalibrator(config, stats)
+    cal = BlockCalibrator(config)
     plans = []
     for bs in tqdm(blocks, desc="calibrating blocks", leave=False):
         x, plan = cal(bs, x, kwargs)
         plans.append(plan)
-    return plans
+    return plans, cal.stats

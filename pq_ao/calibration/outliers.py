@@ -20,7 +20,8 @@ from pq_ao.calibration.prefix_kv import decoder
 
 @dataclass
 class PrefixReport:
-    """What the outlier search found: the prefix and the per-layer top/median ratios before and after it."""
+    """What the outlier search found: the prefix and the per-layer top/median ratios before it (outlier-search
+    tokens, full-precision model) and after it (grid-search tokens, in the block-wise calibration's runs)."""
 
     prefix_ids: list[int]
     prefix_tokens: list[str]
@@ -80,7 +81,7 @@ def select_prefix(
     """The paper's rule. Returns (prefix ids, o, mean outlier count per layer, outlier-token Counter)."""
     n, _, seqlen = tmax.shape
     if tokens.shape != (n, seqlen):
-        raise ValueError(f"tokens {tuple(tokens.shape)} do not match the statistics {(n, seqlen)}")
+        raise ValueError(f"tokens {tuple(tokens.shape)} do not match the token maxima {(n, seqlen)}")
     outlier = tmax > eta * tmax.median(dim=-1, keepdim=True).values  # [n, L, T]
     mean_counts = outlier.sum(-1).float().mean(0)  # [L]
     o = math.ceil(mean_counts.max().item() - 1e-9)

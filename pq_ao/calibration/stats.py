@@ -1,9 +1,12 @@
-"""Activation statistics for the min-max initialisation of every quantizer.
+"""Min-max statistics of every quantizer's input: the initialisation that the grid search scales.
 
-Gathered on the full-precision rotated model with the prefix installed, so prefix rows never enter (the prefix
-lives in the KV, not in the activations). The same pass records the down_proj token maxima (before R4) that
-show what the prefix did to the outliers. Maxima are true maxima over all calibration tokens (not the paper
-code's EMA, which lets the first batch dominate).
+Gathered block by block during calibration (`grid_search.BlockCalibrator`), in the one full-precision run of
+block i over the calibration tokens entering it: the outputs of blocks 0..i-1, already quantized, with the prefix
+KV installed, so they are the tensors block i's quantizers will read, and prefix rows never enter (the prefix lives
+in the KV, not in the activations). No separate full-model pass: the paper's code gathers them on 64 x 512 tokens
+of the full-precision model with an EMA that lets the first batch dominate; the grid search rescales them anyway.
+Maxima here are true maxima. The same run records the down_proj token maxima (before R4) that show what the prefix
+did to the outliers.
 """
 
 from __future__ import annotations
@@ -12,10 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
-from pq_ao.calibration.prefix_kv import decoder
-from pq_ao.calibration.sites import SITES, BlockSites
 
 
 def effective_input(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -28,60 +27,26 @@ def effective_input(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ActStats:
-    """absmax per (block, site), and per KV head of K (post-RoPE, post-R3) and V."""
+    """absmax per (block, site), per KV head of K (post-RoPE, post-R3) and V, and down_proj's token maxima."""
 
     act: dict[tuple[int, str], float] = field(default_factory=dict)
     k: dict[int, torch.Tensor] = field(default_factory=dict)
     v: dict[int, torch.Tensor] = field(default_factory=dict)
-    down_token_max: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # pre-R4, [B, T] per batch
+    down_token_max: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # pre-R4, [B, T] per chunk
+
+    def observe_site(self, block: int, site: str, x: torch.Tensor, effective: torch.Tensor) -> None:
+        """One chunk of a site's input `x` and of what its weight multiplies (`effective_input`)."""
+        key = (block, site)
+        self.act[key] = max(self.act.get(key, 0.0), effective.detach().abs().amax().item())
+        if site == "down":
+            self.down_token_max.setdefault(block, []).append(x.detach().abs().amax(-1).float().cpu())
+
+    def observe_kv(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One chunk of K and V `[B, H_kv, T, D]`."""
+        for store, t in ((self.k, k), (self.v, v)):
+            cur = t.detach().abs().float().amax(dim=(0, 2, 3))
+            store[block] = torch.maximum(store[block], cur) if block in store else cur
 
     def down_token_max_tensor(self) -> torch.Tensor:
         """`[n_samples, n_layers, seqlen]`, as `outliers.token_max` returns it."""
         return torch.stack([torch.cat(self.down_token_max[b]) for b in sorted(self.down_token_max)], dim=1)
-
-    def _max(self, key, value: float) -> None:
-        self.act[key] = max(self.act.get(key, 0.0), value)
-
-
-def _kv_absmax(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().abs().float().amax(dim=(0, 2, 3))  # [B, H_kv, T, D] -> [H_kv]
-
-
-@torch.no_grad()
-def collect_stats(model: nn.Module, blocks: list[BlockSites], tokens: torch.Tensor, batch_size: int = 8) -> ActStats:
-    stats = ActStats()
-    handles = []
-
-    def site_hook(b: int, site: str, linear: nn.Module):
-        def fn(_mod, args):
-            stats._max((b, site), effective_input(linear, args[0]).abs().amax().item())
-            if site == "down":
-                stats.down_token_max.setdefault(b, []).append(args[0].detach().abs().amax(-1).float())
-
-        return fn
-
-    def kv_observer(b: int):
-        def fn(_mod, q, k, v):
-            for store, t in ((stats.k, k), (stats.v, v)):
-                cur = _kv_absmax(t)
-                store[b] = torch.maximum(store[b], cur) if b in store else cur
-
-        return fn
-
-    saved = []
-    for bs in blocks:
-        for site in SITES:
-            first = bs.linears(site)[0]
-            handles.append(first.register_forward_pre_hook(site_hook(bs.index, site, first)))
-        saved.append(bs.attn.observer)
-        bs.attn.observer = kv_observer(bs.index)
-    device = next(model.parameters()).device
-    try:
-        for start in tqdm(range(0, tokens.shape[0], batch_size), desc="statistics", leave=False):
-            decoder(model)(input_ids=tokens[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        for bs, obs in zip(blocks, saved):
-            bs.attn.observer = obs
-    return stats
