@@ -139,11 +139,11 @@ def test_odd_k_w8a8():
 
 def test_module_plumbing_and_serialization(tmp_path):
     from torchao.core.config import ALLOWED_AO_MODULES
-    from torchao.prototype.safetensors.safetensors_utils import ALLOWED_CLASSES, ALLOWED_TENSORS_SUBCLASSES
     from torchao.prototype.safetensors.safetensors_support import (
         flatten_tensor_state_dict,
         unflatten_tensor_state_dict,
     )
+    from torchao.prototype.safetensors.safetensors_utils import ALLOWED_CLASSES, ALLOWED_TENSORS_SUBCLASSES
 
     assert "pq_ao" in ALLOWED_AO_MODULES and "IntxLinearWeight" in ALLOWED_TENSORS_SUBCLASSES
     assert ALLOWED_CLASSES["IntxLinearWeight"] is IntxLinearWeight
