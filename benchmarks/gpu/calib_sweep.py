@@ -1,4 +1,5 @@
-"""Calibration sweep on the GPU box: quantize SmolLM2-135M with many configs and seeds, WikiText-2 ppl of each.
+"""Calibration sweep: quantize SmolLM2-135M with many configs and seeds, WikiText-2 ppl of each (GPU box, or
+`--device cpu`).
 
 Issue 3's accuracy questions (how noisy is a scheme across calibration seeds; what the paper's calibration sizes
 buy; which cheaper settings keep the accuracy) need many quantize+eval runs: minutes each on the 2-core CPU,
@@ -38,10 +39,14 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--budget-s", type=float, default=500)
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--device", default="cuda")
     args = p.parse_args()
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    device_name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     start = time.perf_counter()
-    base, tok = pq_ao.load_model(args.model, dtype=torch.float32, device="cuda")
+    base, tok = pq_ao.load_model(args.model, dtype=torch.float32, device=args.device)
     rows = json.loads(args.json.read_text()) if args.json.exists() else []
     for run in json.loads(args.runs):
         if time.perf_counter() - start > args.budget_s:
@@ -55,23 +60,25 @@ def main() -> None:
         if make is not None:
             t = time.perf_counter()
             report = pq_ao.quantize_(model, make(**run), tokenizer=tok)
-            torch.cuda.synchronize()
+            sync()
             row["quantize_s"] = time.perf_counter() - t
             if report.prefix is not None:
                 row["prefix"] = report.prefix.prefix_tokens
                 row["ratio_after"] = max(report.prefix.ratio_after)
         with torch.inference_mode():
             res = perplexity(model, tok, seqlen=args.seqlen, max_windows=args.windows, progress=False)
-        row.update(ppl=res.ppl, n_windows=res.n_windows, device=torch.cuda.get_device_name(), dtype="float32")
+        row.update(ppl=res.ppl, n_windows=res.n_windows, device=device_name, dtype="float32",
+                   date=time.strftime("%Y-%m-%d"), torch=torch.__version__)
         rows.append(row)
         args.json.write_text(json.dumps(rows, indent=1))
         print(json.dumps(row), flush=True)
         del model
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     print("\n| scheme | overrides | ppl | quantize s | prefix |\n|---|---|---:|---:|---|")
     for r in rows:
         extra = {k: v for k, v in r.items() if k not in ("scheme", "ppl", "quantize_s", "prefix", "ratio_after",
-                                                          "n_windows", "device", "dtype")}  # fmt: skip
+                                                          "n_windows", "device", "dtype", "date", "torch")}  # fmt: skip
         print(f"| {r['scheme']} | {extra} | {r['ppl']:.2f} | {r.get('quantize_s', 0):.1f} | {r.get('prefix', '-')} |")
 
 
