@@ -19,6 +19,7 @@ from collections import OrderedDict
 
 import torch
 
+from pq_ao import quant_math
 from pq_ao.kernels import reference
 
 CACHE_BYTES = 2**30  # prepacked weights kept (int8, one byte per weight)
@@ -66,9 +67,8 @@ def _exact_here(a_bits: int, w_bits: int) -> bool:
     if (a_bits, w_bits) not in _verified:
         ok = False
         if _has_onednn_int8():
-            amin, amax = -(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1
-            wmin, wmax = -(2 ** (w_bits - 1)), 2 ** (w_bits - 1) - 1
-            k = min(1 << (24 - reference._max_abs_product_log2(a_bits, w_bits)), 4096)
+            (amin, amax), (wmin, wmax) = quant_math.qrange(a_bits), quant_math.qrange(w_bits)
+            k = min(reference.fp32_exact_k(a_bits, w_bits), 4096)
             g = torch.Generator().manual_seed(0)
             x = torch.randint(amin, amax + 1, (6, k), generator=g, dtype=torch.int8)
             w = torch.randint(wmin, wmax + 1, (5, k), generator=g, dtype=torch.int8)
@@ -76,12 +76,9 @@ def _exact_here(a_bits: int, w_bits: int) -> bool:
             w[0], w[1], w[2] = wmin, wmin, wmax
             x[3, ::2], x[3, 1::2], w[3, ::2], w[3, 1::2] = amax, amin, wmin, wmax  # alternating pairs
             try:
-                got = _matmul(x, w, 8)
-                want = x.double() @ w.double().T
-                ok = bool(torch.equal(got.double(), want))
+                ok = torch.equal(_matmul(x, w, 8).double(), x.double() @ w.double().T)
             except RuntimeError:
-                ok = False
-            _packed.pop(id(w), None)
+                pass
         _verified[(a_bits, w_bits)] = ok
     return _verified[(a_bits, w_bits)]
 
@@ -92,8 +89,7 @@ def usable(xq: torch.Tensor, wq: torch.Tensor, a_bits: int, w_bits: int) -> bool
         return False
     if torch.compiler.is_compiling():
         return False
-    k = wq.shape[-1] * (2 if w_bits == 4 else 1)
-    if k << reference._max_abs_product_log2(a_bits, w_bits) > 2**24:
+    if wq.shape[-1] * (2 if w_bits == 4 else 1) > reference.fp32_exact_k(a_bits, w_bits):
         return False
     return _exact_here(a_bits, w_bits)
 

@@ -141,6 +141,12 @@ def _max_abs_product_log2(a_bits: int, w_bits: int) -> int:
     return a_bits + w_bits - 2
 
 
+def fp32_exact_k(a_bits: int, w_bits: int) -> int:
+    """The largest K for which every partial sum of an int dot product is an integer of magnitude <= 2**24, so
+    exact in fp32 (W4A4 262144, W4A8 16384, W8A8 1024)."""
+    return 1 << (24 - _max_abs_product_log2(a_bits, w_bits))
+
+
 def _cpu_fp32_matmul_is_ieee() -> bool:
     """Whether CPU fp32 matmuls run in full fp32 (not bf16/tf32 internally); unknown settings count as no."""
     try:
@@ -168,7 +174,7 @@ def _exact_matmul(x: torch.Tensor, w: torch.Tensor, a_bits: int, w_bits: int) ->
     GEMM (exact up to 2**53). `torch._int_mm` is exact too but 20-40x slower than these on CPU.
     """
     k = x.shape[-1]
-    chunk = 1 << (24 - _max_abs_product_log2(a_bits, w_bits))
+    chunk = fp32_exact_k(a_bits, w_bits)
     if x.device.type != "cpu" or not _cpu_fp32_matmul_is_ieee():
         return x.double() @ w.double().T
     xf, wf = x.float(), w.float()
