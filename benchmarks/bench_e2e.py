@@ -7,21 +7,24 @@ models go through the real pipeline (`pq_ao.quantize_`, calibrated on random tok
 
 Measured per model: prefill latency (batch 1, 2048 tokens, writing a fresh cache), decode tokens/s at batch 1 and
 16 with 2048 tokens of context (the cache pre-filled with random contents), peak GPU memory, the KV-cache bytes,
-and for the static model a profiler table of one decode step and one prefill. Prefill runs `torch.compile(model,
-fullgraph=True)`; decode runs `mode="reduce-overhead"` (CUDA graphs). bf16 uses HF's StaticCache, the quantized
+and with `--profile` a profiler table of one call per stage. Prefill runs `torch.compile(model, fullgraph=True,
+dynamic=False)`; decode adds `mode="reduce-overhead"` (CUDA graphs); each shape gets its own static graph. bf16 uses HF's StaticCache, the quantized
 models pq_ao's `QuantizedKVCache` (static int4) or, for the dynamic model, HF's StaticCache of fake-quantized
 values (per-token KV scales have no int cache here yet).
 
     python3 benchmarks/bench_e2e.py --json $OUT/e2e.json --budget-s 540
 
-Stages run in order while the budget lasts; the JSON is rewritten after each stage.
+Stages run in order while the budget lasts; the JSON is rewritten after each stage, and a run given an existing
+JSON skips the stages it already holds (one model per device call, if need be).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -36,6 +39,8 @@ TINY = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_attention_hea
             head_dim=64, vocab_size=1000, bos_token_id=1, eos_token_id=2)  # --tiny: a CPU smoke test of this script
 CONTEXT, PREFILL, DECODE_STEPS = 2048, 2048, 32
 DEVICE = "cuda"
+# --lock: timed sections and calibration hold it, so processes compiling side by side time one at a time
+LOCK: Path | None = None
 
 
 def build_model(layers: int, shapes: dict):
@@ -56,9 +61,10 @@ def quantized(base, kind: str, calib_samples: int):
     ids = torch.randint(10, base.config.vocab_size, (calib_samples, 512), generator=torch.Generator().manual_seed(1))
     common = dict(calibration=ids, n_samples=calib_samples, grid_samples=1, grid_seqlen=512)
     config = pq_ao.prefixquant_w4a4(**common) if kind == "static" else pq_ao.quarot_w4a4(**common)
-    t = time.perf_counter()
-    report = pq_ao.quantize_(model, config)
-    sync()
+    with gpu_to_myself():  # calibration is GPU-heavy: it must not overlap another process's timing
+        t = time.perf_counter()
+        report = pq_ao.quantize_(model, config)
+        sync()
     return model, {"quantize_s": time.perf_counter() - t, "phases_s": report.seconds,
                    "prefix": report.prefix.prefix_ids if report.prefix else None}  # fmt: skip
 
@@ -107,6 +113,21 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def gpu_to_myself():
+    """Hold the --lock file (if any) exclusively: no other benchmark process uses the GPU heavily meanwhile (their
+    compiles, on the host, go on)."""
+    if LOCK is None:
+        yield
+        return
+    with open(LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def time_cuda(fn, iters: int) -> float:
     """Median of `iters` timed calls, ms (CUDA events around each; a host clock on the CPU)."""
     times = []
@@ -136,9 +157,20 @@ def _peak(before) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**30 if DEVICE == "cuda" else 0.0
 
 
+def profile_table(fn, rows: int = 15) -> str:
+    """Kernel-time table of one call of `fn` (already compiled and warm)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = DEVICE == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        sync()
+    return prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows)
+
+
 @torch.inference_mode()
-def bench_prefill(model, kind: str) -> dict:
-    compiled = torch.compile(model, fullgraph=True)
+def bench_prefill(model, kind: str, profile: bool = False) -> dict:
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
     ids = torch.randint(10, model.config.vocab_size, (1, PREFILL), device=DEVICE)
     kw = cache_kw(model)
     cache = make_cache(model, kind, 1, PREFILL + 16, 0)
@@ -154,19 +186,25 @@ def bench_prefill(model, kind: str) -> dict:
     run()
     sync()
     compile_s = time.perf_counter() - t
-    before = _mem()
-    times = []
-    for _ in range(10):
-        empty_cache()
-        times.append(time_cuda(run, 1))
-    ms = sorted(times)[len(times) // 2]
-    return {"prefill_ms": ms, "prefill_tok_s": PREFILL / ms * 1e3, "compile_s": compile_s,
-            "activation_peak_gib": _peak(before)}  # fmt: skip
+    with gpu_to_myself():
+        before = _mem()
+        times = []
+        for _ in range(10):
+            empty_cache()
+            times.append(time_cuda(run, 1))
+        ms = sorted(times)[len(times) // 2]
+        row = {"prefill_ms": ms, "prefill_tok_s": PREFILL / ms * 1e3, "compile_s": compile_s,
+               "activation_peak_gib": _peak(before)}  # fmt: skip
+        if profile:
+            empty_cache()
+            row["profile"] = profile_table(run)
+    return row
 
 
 @torch.inference_mode()
-def bench_decode(model, kind: str, batch: int) -> dict:
-    compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead" if DEVICE == "cuda" else None)
+def bench_decode(model, kind: str, batch: int, profile: bool = False) -> dict:
+    mode = "reduce-overhead" if DEVICE == "cuda" else None  # CUDA graphs
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, mode=mode)
     cache = make_cache(model, kind, batch, CONTEXT + DECODE_STEPS + 8, CONTEXT)
     kw = cache_kw(model)
     ids = torch.randint(10, model.config.vocab_size, (batch, 1), device=DEVICE)
@@ -183,39 +221,21 @@ def bench_decode(model, kind: str, batch: int) -> dict:
         step()
     sync()
     compile_s = time.perf_counter() - t
-    before = _mem()
-    times = []
-    for _ in range(5):
-        for layer in cache.layers:
-            layer.cumulative_length.fill_(CONTEXT)
-        times.append(time_cuda(steps, 1) / DECODE_STEPS)
-    ms = sorted(times)[2]
+    with gpu_to_myself():
+        before = _mem()
+        times = []
+        for _ in range(5):
+            for layer in cache.layers:
+                layer.cumulative_length.fill_(CONTEXT)
+            times.append(time_cuda(steps, 1) / DECODE_STEPS)
+        ms = sorted(times)[2]
+        row = {"decode_ms": ms, "decode_tok_s": batch / ms * 1e3, "compile_s": compile_s,
+               "activation_peak_gib": _peak(before)}  # fmt: skip
+        if profile:
+            row["profile"] = profile_table(step)
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    return {"decode_ms": ms, "decode_tok_s": batch / ms * 1e3, "compile_s": compile_s, "kv_cache_mib": kv_bytes / 2**20,
-            "activation_peak_gib": _peak(before)}  # fmt: skip
-
-
-@torch.inference_mode()
-def profile_table(model, kind: str, rows: int = 15) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    out = {}
-    kw = cache_kw(model)
-    decode = torch.compile(model, fullgraph=True)
-    prefill_ids = torch.randint(10, model.config.vocab_size, (1, PREFILL), device=DEVICE)
-    for name, batch, ids_len, fill in (("decode_b1", 1, 1, CONTEXT), ("prefill", 1, PREFILL, 0)):
-        ids = prefill_ids[:, :ids_len]
-        cache = make_cache(model, kind, batch, CONTEXT + PREFILL, fill)
-        decode(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
-        for layer in cache.layers:
-            layer.cumulative_length.fill_(fill)
-        sync()
-        cuda = DEVICE == "cuda"
-        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-            decode(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
-            sync()
-        out[name] = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows)
-    return out
+    row["kv_cache_mib"] = kv_bytes / 2**20
+    return row
 
 
 def main() -> None:
@@ -225,10 +245,12 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=540)
     p.add_argument("--models", default="static,bf16,dynamic")
-    p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile", action="store_true", help="a profiler table of one call per stage")
     p.add_argument("--tiny", action="store_true", help="small shapes on the CPU: a smoke test of this script")
+    p.add_argument("--lock", type=Path, help="a lock file shared by processes run side by side (see LOCK)")
     args = p.parse_args()
-    global CONTEXT, PREFILL, DEVICE
+    global CONTEXT, PREFILL, DEVICE, LOCK
+    LOCK = args.lock
     if args.tiny:
         CONTEXT, PREFILL, DEVICE = 64, 64, "cpu"
     start = time.perf_counter()
@@ -241,28 +263,34 @@ def main() -> None:
     def save():
         args.json.write_text(json.dumps(result, indent=1))
 
+    stages = ["prefill", "decode_b1", "decode_b16"]
     for kind in args.models.split(","):
+        row = result["models"].setdefault(kind, {})
+        if all(stage in row for stage in stages):
+            print(kind, "already measured in", args.json)
+            continue
         if time.perf_counter() - start > args.budget_s:
             print("budget spent before", kind)
             break
-        row = result["models"].setdefault(kind, {})
         model = base
         if kind != "bf16":
             model, info = quantized(base, kind, args.calib_samples)
-            row.update(info)
+            for k, v in info.items():
+                row.setdefault(k, v)  # a resumed run keeps the first (uncontended) quantization time
         row["weights_gib"] = model_bytes(model) / 2**30
         cache_kind = "static" if kind == "static" else "hf"
-        row["prefill"] = bench_prefill(model, cache_kind)
-        save()
-        for batch in (1, 16):
+        for stage in stages:
+            if stage in row:
+                continue
             if time.perf_counter() - start > args.budget_s:
                 break
-            row[f"decode_b{batch}"] = bench_decode(model, cache_kind, batch)
+            if stage == "prefill":
+                row[stage] = bench_prefill(model, cache_kind, args.profile)
+            else:
+                row[stage] = bench_decode(model, cache_kind, int(stage.removeprefix("decode_b")), args.profile)
             save()
-        if args.profile and kind == "static" and time.perf_counter() - start < args.budget_s:
-            row["profile"] = profile_table(model, cache_kind)
-            save()
-        print(kind, json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+        print(kind, json.dumps({k: {f: x for f, x in v.items() if f != "profile"} if isinstance(v, dict) else v
+                                for k, v in row.items()}), flush=True)  # fmt: skip
         if model is not base:
             del model
         torch._dynamo.reset()
@@ -293,8 +321,10 @@ def print_table(result: dict) -> None:
         weights = row.get("weights_gib", 0)
         kv_s = f"{kv:.1f}" if kv else "-"
         print(f"| {kind} | {pre} | {pre_x} | {d1} | {d1_x} | {d16} | {d16_x} | {kv_s} | {weights:.2f} |")
-    for name, table in models.get("static", {}).get("profile", {}).items():
-        print(f"\nstatic W4A4KV4, {name}:\n{table}")
+    for kind, row in models.items():
+        for stage, r in row.items():
+            if isinstance(r, dict) and "profile" in r:
+                print(f"\n{kind}, {stage}:\n{r['profile']}")
 
 
 if __name__ == "__main__":

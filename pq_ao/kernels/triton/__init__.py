@@ -2,10 +2,13 @@
 `pq_ao.kernels.reference` and launches through `torch.library.wrap_triton`, so torch.compile, torch.export and
 AOTInductor trace the kernels into their artifacts. Design and measurements: docs/kernels.md."""
 
+from . import mutation_memo
 from .attention import AttnConfig, kv_attention, kv_attention_with_config
 from .gemm import GemmConfig, int_linear, int_linear_with_config, pick_config, static_linear
 from .hadamard import hadamard_quantize_static, hadamard_transform
 from .quant import quantize_dynamic, quantize_static
+
+mutation_memo.install()  # compile time: inductor's per-call-site mutation analysis, once per distinct launch
 
 __all__ = [
     "hadamard_transform",

@@ -5,9 +5,12 @@
   ("Incorrect number of arguments passed to kernel"), treats every input as mutated and re-runs the analysis at
   each call site;
 - each kernel's source with its transitive closure (what inductor pastes into a triple-quoted string in the
-  generated module) holds no backslash, so it survives that quoting in any torch version.
+  generated module) holds no backslash, so it survives that quoting in any torch version;
+- each launch compiles to TTIR for sm_90 when its Python-float arguments arrive as fp64 scalars, as inductor types
+  them (eager Triton types them fp32): a float scalar that reaches a `tl.dot` uncast fails there.
 
-The launchers run on CPU tensors here with `wrap_triton` replaced by a recorder: nothing is launched.
+The launchers run on CPU tensors here with `wrap_triton` replaced by a recorder: nothing is launched. Triton's
+front end needs no GPU to build TTIR for a named target.
 """
 
 from __future__ import annotations
@@ -16,83 +19,25 @@ import ast
 
 import pytest
 import torch
+from pq_triton_launches import LAUNCH_OPTIONS, every_launch, record_launches
 from triton.runtime.jit import JITFunction
 
-from pq_ao.hadamard import hadamard_factor
 from pq_ao.kernels.triton import attention, gemm, hadamard, quant
-from pq_ao.kernels.triton.gemm import GemmConfig, gemv_config
 
 MODULES = (attention, gemm, hadamard, quant)
-LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas", "maxnreg"}
-
-
-class _Recorder:
-    """Stands in for `wrap_triton(kernel)`: `[grid](*args, **kwargs)` records the argument names passed."""
-
-    launches: list = []
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            names = list(self.kernel.arg_names)
-            passed = names[: len(args)] + [k for k in kwargs if k not in LAUNCH_OPTIONS]
-            _Recorder.launches.append((self.kernel.fn.__name__, passed, names))
-
-        return launch
 
 
 @pytest.fixture
 def launches(monkeypatch):
-    _Recorder.launches = []
-    monkeypatch.setattr(torch.library, "wrap_triton", _Recorder)
-    monkeypatch.setattr(attention, "wrap_triton", _Recorder)
-    return _Recorder.launches
-
-
-def _packed(rows: int, k: int, bits: int) -> torch.Tensor:
-    if bits == 4:
-        return torch.randint(0, 256, (rows, k // 2), dtype=torch.uint8)
-    return torch.randint(-8, 8, (rows, k), dtype=torch.int8)
-
-
-def _every_launch():
-    """Drive each launcher through each of its kernels and branches."""
-    n, k = 96, 256
-    for a_bits, w_bits in ((4, 4), (8, 4), (8, 8)):
-        ws = torch.rand(n) + 0.5
-        wq = _packed(n, k, w_bits)
-        for m, cfg in ((64, GemmConfig(32, 32, 64, 4, 2, split_k=2)), (1, gemv_config(1, n, k, w_bits)),
-                       (1, gemv_config(1, n, k, w_bits, split_k=2))):  # fmt: skip
-            xq = _packed(m, k, a_bits)
-            for xs in (torch.tensor([0.1]), torch.rand(m, 1) + 0.05):
-                for bias in (None, torch.randn(n)):
-                    gemm.int_linear_with_config(xq, xs, wq, ws, bias, a_bits, w_bits, torch.bfloat16, cfg)
-        gemm.static_linear(torch.randn(1, k), torch.tensor([0.1]), wq, ws, None, a_bits, w_bits, torch.bfloat16)
-    x = torch.randn(5, 576)
-    had = hadamard_factor(576)[1]
-    hadamard.hadamard_transform(x, had)
-    hadamard.hadamard_transform(torch.randn(5, 512), None)
-    hadamard.hadamard_quantize_static(x, had, torch.tensor([0.1]), 4)
-    quant.quantize_static(x, torch.tensor([0.1]), 4)
-    quant.quantize_dynamic(x, 4)
-    for bits in (4, 8):
-        b, hq, hkv, s, d, p = 2, 8, 2, 3000, 64, 3
-        q = torch.randn(b, hq, 1, d, dtype=torch.bfloat16)
-        codes = _packed(b * hkv * s, d, bits).view(b, hkv, s, -1)
-        scale = torch.rand(hkv) + 0.1
-        prefix = torch.randn(1, hkv, p, d, dtype=torch.bfloat16)
-        mask = torch.ones(b, 1, s, dtype=torch.bool)
-        attention.kv_attention(q, codes, codes, scale, scale, prefix, prefix, mask, d**-0.5, bits)
+    return record_launches(monkeypatch)
 
 
 def test_every_launch_passes_every_kernel_argument(launches):
-    _every_launch()
-    kernels = {name for name, _, _ in launches}
+    every_launch()
+    kernels = {name for name, *_ in launches}
     assert {"_int_linear_kernel", "_int_gemv_kernel", "_hadamard_kernel", "_quantize_static_kernel",
             "_quantize_dynamic_kernel", "_kv_attention_kernel", "_combine_kernel"} <= kernels, kernels  # fmt: skip
-    for name, passed, expected in launches:
+    for name, passed, expected, *_ in launches:
         assert len(passed) == len(set(passed)), f"{name}: an argument passed twice: {passed}"
         assert set(passed) == set(expected), f"{name}: missing {set(expected) - set(passed)}"
 
@@ -111,3 +56,67 @@ def test_kernel_source_survives_inductor_quoting(module, name):
     assert "\\" not in src, f"{name}: a backslash in the kernel's closure source: {src[src.index(chr(92)) - 80 :][:160]}"
     assert "'''" not in src
     compile(ast.literal_eval("'''" + src + "'''"), name, "exec")  # quoted and unquoted as the generated module is
+
+
+_TRITON_DTYPE = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8",
+                 torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}  # fmt: skip
+
+
+def _inductor_signature(kernel, values: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, options) of a launch as inductor compiles it: Python floats as fp64 scalars."""
+    signature, constexprs = {}, {}
+    for param in kernel.params:
+        name, value = param.name, values[param.name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_DTYPE[value.dtype]
+        elif value is None:
+            signature[name], constexprs[name] = "constexpr", None
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[name] = "fp64"
+        else:
+            raise TypeError(f"{kernel.fn.__name__}: no Triton type for {name}={value!r}")
+    options = {k: v for k, v in values.items() if k in LAUNCH_OPTIONS}
+    return signature, constexprs, options
+
+
+def _distinct_launches(launches) -> list:
+    seen, out = set(), []
+    for name, _, _, kernel, values in launches:
+        signature, constexprs, options = _inductor_signature(kernel, values)
+        key = (name, tuple(signature.items()), tuple(sorted(map(str, constexprs.items()))), tuple(options.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append((name, kernel, signature, constexprs, options))
+    return out
+
+
+def test_every_launch_compiles_with_inductor_scalar_types(launches):
+    if not isinstance(gemm._int_linear_kernel, JITFunction):
+        pytest.skip("kernels decorated for the interpreter (TRITON_INTERPRET=1)")
+    from triton._C import libtriton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    every_launch()
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    failures = []
+    for name, kernel, signature, constexprs, options in _distinct_launches(launches):
+        context = libtriton.ir.context()
+        libtriton.ir.load_dialects(context)
+        backend.load_dialects(context)
+        opts = backend.parse_options(options)
+        src = ASTSource(kernel, signature=signature, constexprs=constexprs)
+        try:
+            src.make_ir(target, opts, backend.get_codegen_implementation(opts), backend.get_module_map(), context)
+        except Exception as e:  # noqa: BLE001 - reported below with the launch that failed
+            fp64 = [k for k, v in signature.items() if v == "fp64"]
+            failures.append(f"{name} (fp64 scalars {fp64}): {str(e).splitlines()[-1] if str(e) else type(e).__name__}")
+    assert not failures, "\n".join(failures)

@@ -1,0 +1,87 @@
+"""Compile time: inductor's mutation analysis of our kernels, worked out once per distinct launch.
+
+For every call site of a user-defined Triton kernel, torch (2.11-2.13) compiles the kernel to TTIR and walks it to
+learn which arguments it writes, and asks again at up to four stages (functionalization, two lowering passes, the
+IR node; pytorch/pytorch#193227 removes the repeats upstream). A quantized decoder launches ~25 kernels per layer,
+so a 32-layer model pays for ~3,000 TTIR compiles per graph: ~200 s of a `torch.compile` and more for an AOTI
+export of prefill and decode, against ~30 s for the bf16 model (H200, torch 2.11).
+
+`install()` wraps torch's analysis function with a memo for the kernels of this package only. Invariant: the
+answer is a function of the kernel, its constexprs, its tensor dtypes and its scalar values, which is the key.
+Alignment (the one specialization left out of the key) changes how a store is vectorised, never which pointer it
+writes. Kernels of other packages go straight to torch's function. If torch renames the function, nothing is
+wrapped and compiles are just slower (`tests/kernels/triton/test_mutation_memo.py` notices).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# The function's name across torch versions: 2.13 returns TensorAccesses, earlier versions a list of names.
+ANALYSES = ("identify_accessed_tensors", "identify_mutated_tensors")
+MAX_ENTRIES = 4096
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def _arg_key(value):
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype)
+    get_dtype = getattr(value, "get_dtype", None)  # inductor IR (TensorBox and friends)
+    if callable(get_dtype):
+        return ("ir", get_dtype())
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return (type(value).__name__, value)
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)) or type(value).__module__.startswith("sympy"):
+        return ("sym", str(value))
+    raise _Uncacheable(type(value))
+
+
+def ours(kernel) -> bool:
+    """Whether a Triton kernel (JITFunction or Autotuner) is defined in pq_ao."""
+    fn = getattr(kernel, "fn", None)
+    fn = getattr(fn, "fn", fn)  # Autotuner -> JITFunction -> function
+    return getattr(fn, "__module__", "").startswith("pq_ao.")
+
+
+def memoized(analysis):
+    """`analysis(kernel, kwargs, *rest)` with a memo for pq_ao kernels (keys as the module docstring says)."""
+    if getattr(analysis, "_pq_ao_memo", None) is not None:
+        return analysis
+    memo: dict = {}
+
+    @functools.wraps(analysis)
+    def wrapper(kernel, kwargs, *rest, **kw):
+        if not ours(kernel):
+            return analysis(kernel, kwargs, *rest, **kw)
+        try:
+            key = (kernel, tuple(sorted((k, _arg_key(v)) for k, v in kwargs.items())), repr(rest), repr(kw))
+        except _Uncacheable:
+            return analysis(kernel, kwargs, *rest, **kw)
+        if key not in memo:
+            if len(memo) >= MAX_ENTRIES:
+                memo.clear()
+            memo[key] = analysis(kernel, kwargs, *rest, **kw)
+        return memo[key]
+
+    wrapper._pq_ao_memo = memo
+    return wrapper
+
+
+def install() -> list[str]:
+    """Wrap torch's mutation analysis (idempotent); returns the names wrapped."""
+    try:
+        from torch._higher_order_ops import triton_kernel_wrap as twrap
+    except ImportError:
+        return []
+    wrapped = []
+    for name in ANALYSES:
+        fn = getattr(twrap, name, None)
+        if callable(fn):
+            setattr(twrap, name, memoized(fn))
+            wrapped.append(name)
+    return wrapped

@@ -1,0 +1,102 @@
+"""The memo over inductor's mutation analysis (`pq_ao.kernels.triton.mutation_memo`).
+
+The analysis is torch's own, run on the CPU: Triton builds TTIR for a named target without a GPU, so a stand-in
+driver that reports sm_90 is all it needs. Checked: the memo is installed on the function torch calls, it gives
+torch's answer for every launch of every kernel, it runs the analysis once per distinct launch, and other
+packages' kernels bypass it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from pq_triton_launches import LAUNCH_OPTIONS, every_launch, record_launches
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
+
+from pq_ao.kernels.triton import gemm, mutation_memo
+
+twrap = pytest.importorskip("torch._higher_order_ops.triton_kernel_wrap")
+
+
+class _Sm90Driver:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    if not isinstance(gemm._int_linear_kernel, JITFunction):
+        pytest.skip("kernels decorated for the interpreter (TRITON_INTERPRET=1)")
+    monkeypatch.setattr(triton.runtime.driver, "_active", _Sm90Driver())  # restored as it was (maybe unset)
+
+
+def _installed() -> list:
+    return [n for n in mutation_memo.ANALYSES if getattr(getattr(twrap, n, None), "_pq_ao_memo", None) is not None]
+
+
+def _writes(result) -> set:
+    """Names written, from either form of the answer (TensorAccesses in torch 2.13, a list of names before)."""
+    if isinstance(result, (list, tuple)):
+        return set(result)
+    return {dep.name for dep in result.read_writes.writes}
+
+
+def test_installed_where_torch_calls_it():
+    assert _installed(), f"none of {mutation_memo.ANALYSES} in torch's triton_kernel_wrap: torch renamed it"
+    assert mutation_memo.install() == _installed()  # idempotent: no second layer
+
+
+def test_memo_gives_torchs_answer_once_per_distinct_launch(sm90, monkeypatch):
+    name = _installed()[0]
+    torchs = getattr(twrap, name).__wrapped__
+    calls = []
+
+    def counted(kernel, kwargs, *rest):
+        calls.append(kernel)
+        return torchs(kernel, kwargs, *rest)
+
+    memo = mutation_memo.memoized(counted)
+    launches = record_launches(monkeypatch)
+    every_launch()
+    every_launch()  # the same launches again (a second layer of the same model): all hits
+    distinct = set()
+    for launch in launches:
+        kwargs = {k: v for k, v in launch.values.items() if k not in LAUNCH_OPTIONS}
+        got = _writes(memo(launch.kernel, kwargs, {}))
+        fresh = _writes(torchs(launch.kernel, kwargs, {}))
+        assert got == fresh, launch.name
+        tensors = {k for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        assert got and got < tensors, f"{launch.name}: writes {got} (every tensor means the analysis failed)"
+        distinct.add((launch.kernel, tuple(sorted((k, mutation_memo._arg_key(v)) for k, v in kwargs.items()))))
+    assert len(calls) == len(distinct) <= len(launches) // 2
+
+
+@triton.jit
+def _foreign_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs))
+
+
+def test_other_kernels_bypass_the_memo():
+    calls = []
+    memo = mutation_memo.memoized(lambda kernel, kwargs, *rest: calls.append(kernel) or ["out_ptr"])
+    kwargs = {"x_ptr": torch.zeros(4), "out_ptr": torch.zeros(4), "N": 4}
+    memo(_foreign_kernel, kwargs, {})
+    memo(_foreign_kernel, kwargs, {})
+    assert len(calls) == 2
+    assert not mutation_memo.ours(_foreign_kernel) and mutation_memo.ours(gemm._int_linear_kernel)
+
+
+def test_key_separates_what_changes_the_answer():
+    key = mutation_memo._arg_key
+    assert key(torch.zeros(2, dtype=torch.uint8)) != key(torch.zeros(2, dtype=torch.int8))
+    assert key(torch.zeros(2)) == key(torch.zeros(3, 5))  # shapes reach the kernel only as scalar arguments
+    assert key(1) != key(2) and key(True) != key(1) and key(None) != key(0)
+    with pytest.raises(mutation_memo._Uncacheable):
+        key(object())
