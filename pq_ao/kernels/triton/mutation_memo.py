@@ -60,7 +60,8 @@ def memoized(analysis):
             return analysis(kernel, kwargs, *rest, **kw)
         try:
             key = (kernel, tuple(sorted((k, _arg_key(v)) for k, v in kwargs.items())), repr(rest), repr(kw))
-        except _Uncacheable:
+            hash(key)
+        except Exception:  # noqa: BLE001 - an argument we can't key on (or an IR node without a dtype): no memo
             return analysis(kernel, kwargs, *rest, **kw)
         if key not in memo:
             if len(memo) >= MAX_ENTRIES:

@@ -33,7 +33,8 @@ class _Sm90Driver:
 def sm90(monkeypatch):
     if not isinstance(gemm._int_linear_kernel, JITFunction):
         pytest.skip("kernels decorated for the interpreter (TRITON_INTERPRET=1)")
-    monkeypatch.setattr(triton.runtime.driver, "_active", _Sm90Driver())  # restored as it was (maybe unset)
+    # restored as it was (maybe unset); a triton without `_active` keeps its own driver (a GPU box: real sm_90s)
+    monkeypatch.setattr(triton.runtime.driver, "_active", _Sm90Driver(), raising=False)
 
 
 def _installed() -> list:
@@ -100,3 +101,12 @@ def test_key_separates_what_changes_the_answer():
     assert key(1) != key(2) and key(True) != key(1) and key(None) != key(0)
     with pytest.raises(mutation_memo._Uncacheable):
         key(object())
+
+
+def test_unkeyable_arguments_go_straight_to_torch():
+    calls = []
+    memo = mutation_memo.memoized(lambda kernel, kwargs, *rest: calls.append(kernel) or ["out_ptr"])
+    kwargs = {"out_ptr": torch.zeros(4), "odd": object()}
+    assert memo(gemm._int_linear_kernel, kwargs, {}) == ["out_ptr"]
+    memo(gemm._int_linear_kernel, kwargs, {})
+    assert len(calls) == 2
