@@ -15,7 +15,13 @@ values (per-token KV scales have no int cache here yet).
     python3 benchmarks/bench_e2e.py --json $OUT/e2e.json --budget-s 540
 
 Stages run in order while the budget lasts; the JSON is rewritten after each stage, and a run given an existing
-JSON skips the stages it already holds (one model per device call, if need be).
+JSON skips the stages it already holds (one model per device call, if need be). The quantized models' compiles
+take minutes, so the models can run as processes side by side, sharing a lock that keeps their calibration and
+timed sections apart (their compiles overlap on the host):
+
+    for m in static bf16 dynamic; do
+        python3 benchmarks/bench_e2e.py --models $m --json $OUT/e2e_$m.json --lock /tmp/gpu.lock --profile &
+    done; wait
 """
 
 from __future__ import annotations
