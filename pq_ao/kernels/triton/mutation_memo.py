@@ -1,13 +1,15 @@
 """Compile time: inductor's mutation analysis of our kernels, worked out once per distinct launch.
 
 For every call site of a user-defined Triton kernel, torch (2.11-2.13) compiles the kernel to TTIR and walks it to
-learn which arguments it writes, and asks again at up to four stages (functionalization, two lowering passes, the
-IR node; pytorch/pytorch#193227 removes the repeats upstream). A quantized decoder launches ~25 kernels per layer,
-so a 32-layer model pays for ~3,000 TTIR compiles per graph: ~200 s of a `torch.compile` and more for an AOTI
-export of prefill and decode, against ~30 s for the bf16 model (H200, torch 2.11).
+learn which arguments it writes. It asks again at later stages of the same compile (functionalization, lowering,
+the IR node; pytorch/pytorch#193227 removes the repeats upstream); AOTAutograd alone asks 3 times per launch. A
+static W4A4 layer launches ~17 of our kernels, so a 32-layer graph pays for thousands of TTIR compiles: ~200 s of
+a `torch.compile`, against ~30 s for the bf16 model (H200, torch 2.11), and more for an AOTI export of prefill and
+decode.
 
 `install()` wraps torch's analysis function with a memo for the kernels of this package only. Invariant: the
-answer is a function of the kernel, its constexprs, its tensor dtypes and its scalar values, which is the key.
+answer is a function of the kernel, its constexprs, its tensor dtypes and its scalar values, which is the key. The
+kernel is keyed by module, name and source, since inductor hands over a fresh copy of it per launch.
 Alignment (the one specialization left out of the key) changes how a store is vectorised, never which pointer it
 writes. Kernels of other packages go straight to torch's function. If torch renames the function, nothing is
 wrapped and compiles are just slower (`tests/kernels/triton/test_mutation_memo.py` notices).
@@ -41,10 +43,24 @@ def _arg_key(value):
     raise _Uncacheable(type(value))
 
 
+def _jit_function(kernel):
+    """The JITFunction under a kernel. Inductor hands the analysis a fresh Autotuner around a fresh copy of it per
+    launch (its one config carries the launch's constexprs, which reach the analysis in `kwargs` too)."""
+    while not hasattr(kernel, "arg_names") and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel
+
+
+def _identity(kernel) -> tuple:
+    """What names a kernel across those copies: its function's module, qualified name and source."""
+    jit = _jit_function(kernel)
+    fn = jit.fn
+    return (fn.__module__, fn.__qualname__, getattr(jit, "src", None))
+
+
 def ours(kernel) -> bool:
-    """Whether a Triton kernel (JITFunction or Autotuner) is defined in pq_ao."""
-    fn = getattr(kernel, "fn", None)
-    fn = getattr(fn, "fn", fn)  # Autotuner -> JITFunction -> function
+    """Whether a Triton kernel (JITFunction, or an Autotuner around one) is defined in pq_ao."""
+    fn = getattr(_jit_function(kernel), "fn", None)
     return getattr(fn, "__module__", "").startswith("pq_ao.")
 
 
@@ -59,7 +75,7 @@ def memoized(analysis):
         if not ours(kernel):
             return analysis(kernel, kwargs, *rest, **kw)
         try:
-            key = (kernel, tuple(sorted((k, _arg_key(v)) for k, v in kwargs.items())), repr(rest), repr(kw))
+            key = (_identity(kernel), tuple(sorted((k, _arg_key(v)) for k, v in kwargs.items())), repr(rest), repr(kw))
             hash(key)
         except Exception:  # noqa: BLE001 - an argument we can't key on (or an IR node without a dtype): no memo
             return analysis(kernel, kwargs, *rest, **kw)

@@ -53,15 +53,22 @@ def test_installed_where_torch_calls_it():
     assert mutation_memo.install() == _installed()  # idempotent: no second layer
 
 
+class _Counted:
+    """torch's own analysis (under the installed memo), counting its runs."""
+
+    def __init__(self):
+        self.name = _installed()[0]
+        self.torchs = getattr(twrap, self.name).__wrapped__
+        self.calls = []
+
+    def __call__(self, kernel, kwargs, *rest):
+        self.calls.append(kernel)
+        return self.torchs(kernel, kwargs, *rest)
+
+
 def test_memo_gives_torchs_answer_once_per_distinct_launch(sm90, monkeypatch):
-    name = _installed()[0]
-    torchs = getattr(twrap, name).__wrapped__
-    calls = []
-
-    def counted(kernel, kwargs, *rest):
-        calls.append(kernel)
-        return torchs(kernel, kwargs, *rest)
-
+    counted = _Counted()
+    torchs, calls = counted.torchs, counted.calls
     memo = mutation_memo.memoized(counted)
     launches = record_launches(monkeypatch)
     every_launch()
@@ -110,3 +117,36 @@ def test_unkeyable_arguments_go_straight_to_torch():
     assert memo(gemm._int_linear_kernel, kwargs, {}) == ["out_ptr"]
     memo(gemm._int_linear_kernel, kwargs, {})
     assert len(calls) == 2
+
+
+def test_memo_hits_across_inductors_kernel_copies_in_a_real_trace(sm90, monkeypatch):
+    """AOTAutograd over two identical "layers" of our ops on fake CUDA tensors (no GPU needed): the triton_ops
+    decompose into kernel launches, inductor's functionalization asks for each launch's writes (on fresh copies of
+    the kernels), and torch's analysis runs once per distinct launch: the first layer's."""
+    from functorch.compile import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pq_ao.hadamard import hadamard_factor
+
+    counted = _Counted()
+    monkeypatch.setattr(twrap, counted.name, mutation_memo.memoized(counted))
+    calls = counted.calls
+    ops = torch.ops.pq_ao
+    had = hadamard_factor(576)[1]
+
+    def layers(x, s, w1, w2, ws1, ws2, had):
+        for _ in range(2):
+            h = ops.int_linear(ops.quantize_static(x, s, 4), s, w1, ws1, None, 4, 4, torch.bfloat16)
+            x = ops.int_linear(ops.hadamard_quantize_static(h, had, s, 4), s, w2, ws2, None, 4, 4, torch.bfloat16)
+        return x
+
+    graphs = []
+    with FakeTensorMode(), torch.no_grad():
+        u8 = lambda n, k: torch.empty(n, k // 2, dtype=torch.uint8, device="cuda")  # noqa: E731
+        args = (torch.empty(16, 256, dtype=torch.bfloat16, device="cuda"), torch.empty(1, device="cuda"),
+                u8(576, 256), u8(256, 576), torch.empty(576, device="cuda"), torch.empty(256, device="cuda"),
+                torch.empty(had.shape, dtype=had.dtype, device="cuda"))  # fmt: skip
+        aot_function(layers, fw_compiler=lambda gm, _: graphs.append(gm) or gm)(*args)
+    launches = [n for n in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert len(launches) == 8, graphs[0].graph
+    assert 0 < len(calls) <= len(launches) // 2, f"{len(calls)} analyses for {len(launches)} launches"
