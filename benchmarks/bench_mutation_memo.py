@@ -4,7 +4,8 @@ AOTAutograd (the stage of torch.compile / AOTI that decomposes our triton_ops in
 `--layers` Llama-3-8B-shaped MLP+projection layers of pq_ao ops (static W4A4: quantize, int GEMMs, fused
 Hadamard+quantize; attention left out) at M tokens, on fake CUDA tensors; torch's analysis builds TTIR for sm_90
 through a stand-in driver, so no GPU is needed. Counted: kernel launches in the graph (six per layer: the unused
-projections are dropped), TTIR analyses run, trace seconds. Inductor's lowering asks again per launch (up to 3 more times in torch 2.11); that part needs a GPU.
+projections are dropped), TTIR analyses run, trace seconds. Inductor's lowering asks again per launch (up to 3
+more times in torch 2.11); that part needs a GPU.
 
     python3 benchmarks/bench_mutation_memo.py --json results/mutation_memo_cpu.json
 """
@@ -20,15 +21,6 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-
-
-class _Sm90Driver:
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cuda")
 
 
 def trace(layers: int, m: int, memo: bool) -> dict:
@@ -87,8 +79,10 @@ def main() -> None:
     p.add_argument("--m", type=int, default=2048)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    triton.runtime.driver.set_active(_Sm90Driver())
-    rows = [trace(args.layers, args.m, memo) for memo in (False, True)]
+    from pq_ao.kernels.triton.offline import sm90_driver
+
+    with sm90_driver():
+        rows = [trace(args.layers, args.m, memo) for memo in (False, True)]
     result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__,
               "cpu": platform.processor() or platform.machine(), "rows": rows}  # fmt: skip
     print("| memo | launches | TTIR analyses | AOTAutograd trace s |\n|---|---:|---:|---:|")

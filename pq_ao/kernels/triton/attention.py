@@ -192,7 +192,7 @@ def _kv_attention_kernel(
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     DOT: tl.constexpr = q_ptr.dtype.element_ty
-    qk_scale = tl.cast(scaling, tl.float32) * LOG2E  # inductor passes a Python float as an fp64 scalar
+    sm_scale = tl.cast(scaling, tl.float32) * LOG2E  # log2 units; inductor passes a Python float as an fp64 scalar
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -226,7 +226,7 @@ def _kv_attention_kernel(
         pk_e, pk_o = _halves(pk.to(tl.float32), BLOCK_P, HALF)
         x = tl.dot(q_e32, tl.trans(pk_e), input_precision="ieee")
         x = tl.dot(q_o32, tl.trans(pk_o), x, input_precision="ieee")
-        x = tl.where(p_ok[None, :], x * qk_scale, float("-inf"))
+        x = tl.where(p_ok[None, :], x * sm_scale, float("-inf"))
         p, alpha, m_i, l_i = _softmax_step(x, m_i, l_i)
         pv = tl.load(pv_ptr + h * spv_h + offs_p[:, None] * spv_p + offs_d[None, :] * spv_d, mask=pmask,
                      other=0.0)
@@ -235,7 +235,7 @@ def _kv_attention_kernel(
         acc_o = acc_o * alpha[:, None] + tl.dot(p, pv_o, input_precision="ieee")
 
     # the cache slots of this split: whole blocks (no slot masks: wide, pipelined loads), then a partial one
-    qk_scale = qk_scale * tl.load(ks_ptr + h)
+    qk_scale = sm_scale * tl.load(ks_ptr + h)
     v_scale = tl.load(vs_ptr + h)
     k_base = k_ptr + b * sk_b + h.to(tl.int64) * sk_h
     v_base = v_ptr + b * sv_b + h.to(tl.int64) * sv_h

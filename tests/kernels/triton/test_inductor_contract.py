@@ -23,6 +23,8 @@ from pq_triton_launches import LAUNCH_OPTIONS, every_launch, record_launches
 from triton.runtime.jit import JITFunction
 
 from pq_ao.kernels.triton import attention, gemm, hadamard, quant
+from pq_ao.kernels.triton._common import interpreting
+from pq_ao.kernels.triton.offline import SM90
 
 MODULES = (attention, gemm, hadamard, quant)
 
@@ -58,8 +60,8 @@ def test_kernel_source_survives_inductor_quoting(module, name):
     compile(ast.literal_eval("'''" + src + "'''"), name, "exec")  # quoted and unquoted as the generated module is
 
 
-_TRITON_DTYPE = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8",
-                 torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}  # fmt: skip
+_TRITON_DTYPE = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                 torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}  # fmt: skip
 
 
 def _inductor_signature(kernel, values: dict) -> tuple[dict, dict, dict]:
@@ -96,16 +98,14 @@ def _distinct_launches(launches) -> list:
     return out
 
 
+@pytest.mark.skipif(interpreting(), reason="kernels decorated for the interpreter")
 def test_every_launch_compiles_with_inductor_scalar_types(launches):
-    if not isinstance(gemm._int_linear_kernel, JITFunction):
-        pytest.skip("kernels decorated for the interpreter (TRITON_INTERPRET=1)")
     from triton._C import libtriton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
 
     every_launch()
-    target = GPUTarget("cuda", 90, 32)
+    target = SM90
     backend = make_backend(target)
     failures = []
     for name, kernel, signature, constexprs, options in _distinct_launches(launches):

@@ -13,28 +13,19 @@ import torch
 import triton
 import triton.language as tl
 from pq_triton_launches import LAUNCH_OPTIONS, every_launch, record_launches
-from triton.backends.compiler import GPUTarget
-from triton.runtime.jit import JITFunction
 
 from pq_ao.kernels.triton import gemm, mutation_memo
+from pq_ao.kernels.triton._common import interpreting
+from pq_ao.kernels.triton.offline import sm90_driver
 
 twrap = pytest.importorskip("torch._higher_order_ops.triton_kernel_wrap")
-
-
-class _Sm90Driver:
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
+compiled_kernels = pytest.mark.skipif(interpreting(), reason="kernels decorated for the interpreter")
 
 
 @pytest.fixture
-def sm90(monkeypatch):
-    if not isinstance(gemm._int_linear_kernel, JITFunction):
-        pytest.skip("kernels decorated for the interpreter (TRITON_INTERPRET=1)")
-    # restored as it was (maybe unset); a triton without `_active` keeps its own driver (a GPU box: real sm_90s)
-    monkeypatch.setattr(triton.runtime.driver, "_active", _Sm90Driver(), raising=False)
+def sm90():
+    with sm90_driver():
+        yield
 
 
 def _installed() -> list:
@@ -66,6 +57,7 @@ class _Counted:
         return self.torchs(kernel, kwargs, *rest)
 
 
+@compiled_kernels
 def test_memo_gives_torchs_answer_once_per_distinct_launch(sm90, monkeypatch):
     counted = _Counted()
     torchs, calls = counted.torchs, counted.calls
@@ -119,6 +111,7 @@ def test_unkeyable_arguments_go_straight_to_torch():
     assert len(calls) == 2
 
 
+@compiled_kernels
 def test_memo_hits_across_inductors_kernel_copies_in_a_real_trace(sm90, monkeypatch):
     """AOTAutograd over two identical "layers" of our ops on fake CUDA tensors (no GPU needed): the triton_ops
     decompose into kernel launches, inductor's functionalization asks for each launch's writes (on fresh copies of
