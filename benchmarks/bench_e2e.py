@@ -163,6 +163,15 @@ def _peak(before) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**30 if DEVICE == "cuda" else 0.0
 
 
+def memo_counts() -> dict:
+    """The mutation-analysis memo's counts so far (cumulative over the process's compiles)."""
+    try:
+        from pq_ao.kernels.triton import mutation_memo
+    except ImportError:  # no triton
+        return {}
+    return mutation_memo.counts()
+
+
 def profile_table(fn, rows: int = 15) -> str:
     """Kernel-time table of one call of `fn` (already compiled and warm)."""
     from torch.profiler import ProfilerActivity, profile
@@ -200,7 +209,7 @@ def bench_prefill(model, kind: str, profile: bool = False) -> dict:
             times.append(time_cuda(run, 1))
         ms = sorted(times)[len(times) // 2]
         row = {"prefill_ms": ms, "prefill_tok_s": PREFILL / ms * 1e3, "compile_s": compile_s,
-               "activation_peak_gib": _peak(before)}  # fmt: skip
+               "activation_peak_gib": _peak(before), "mutation_analyses": memo_counts()}  # fmt: skip
         if profile:
             empty_cache()
             row["profile"] = profile_table(run)
@@ -236,7 +245,7 @@ def bench_decode(model, kind: str, batch: int, profile: bool = False) -> dict:
             times.append(time_cuda(steps, 1) / DECODE_STEPS)
         ms = sorted(times)[2]
         row = {"decode_ms": ms, "decode_tok_s": batch / ms * 1e3, "compile_s": compile_s,
-               "activation_peak_gib": _peak(before)}  # fmt: skip
+               "activation_peak_gib": _peak(before), "mutation_analyses": memo_counts()}  # fmt: skip
         if profile:
             row["profile"] = profile_table(step)
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))

@@ -17,7 +17,9 @@ carries the tokenizer (`extra/pq_ao/tokenizer/`), so that `pq_ao.runtime` needs 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from pq_ao.hf_compat import cache_kwarg
 from pq_ao.nn.kv_cache import QuantizedKVCache
 
 PROGRAMS = ("prefill", "decode")
+log = logging.getLogger(__name__)
 FORMAT = 1
 
 
@@ -104,15 +107,19 @@ def compile_package(
     tokenizer (default: the model's, from `pq_ao.load_model` / `load_quantized`) goes into the archive too."""
     from torch._inductor.package import package_aoti
 
+    t = time.perf_counter()
     spec, eps = export_programs(model, batch_size, max_cache_len)
+    log.info("exported %s in %.1f s", " and ".join(eps), time.perf_counter() - t)
     files = {}
     for name, ep in eps.items():
+        t = time.perf_counter()
         # (no "aot_inductor.model_name_for_generated_files": with it the CPU programs computed wrong logits,
         # 9-12% off, on torch 2.13; package_aoti keeps the two programs' files apart by model name anyway)
         meta = {"pq_ao": json.dumps(spec), "program": name}
         options = {"aot_inductor.package": True, "aot_inductor.metadata": meta}
         args, kwargs = ep.example_inputs
         files[name] = torch._inductor.aot_compile(_unguarded_module(ep), args, kwargs, options=options)
+        log.info("AOT-compiled %s in %.1f s", name, time.perf_counter() - t)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     package_aoti(str(path), files)

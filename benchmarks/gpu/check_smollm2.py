@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import check_deploy  # noqa: E402
+from stack_sampler import StackSampler  # noqa: E402
 
 import pq_ao  # noqa: E402
 from pq_ao.eval.perplexity import perplexity  # noqa: E402
@@ -29,6 +31,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--skip", default="", help="comma-separated: ppl, deploy")
     args = p.parse_args()
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("pq_ao").setLevel(logging.INFO)
     torch.backends.cuda.matmul.allow_tf32 = False
     t = time.perf_counter()
     model, tok = pq_ao.load_model(args.gguf, dtype=torch.float32, device="cuda")
@@ -51,7 +55,12 @@ def main() -> None:
         (args.out / "check_smollm2.json").write_text(json.dumps(row, indent=1))
         model.to("cuda")
     if "deploy" not in args.skip:
-        row["deploy"] = check_deploy.run(model, tok, "smollm2-135m", "fp32", max_len=256, new_tokens=32, out=args.out)
+        from pq_ao.kernels.triton import mutation_memo
+
+        with StackSampler(out=args.out / "check_smollm2_stacks.txt"):  # where the export's host time goes
+            row["deploy"] = check_deploy.run(model, tok, "smollm2-135m", "fp32", max_len=256, new_tokens=32,
+                                             out=args.out)  # fmt: skip
+        row["deploy"]["mutation_analyses"] = mutation_memo.counts()
         print(json.dumps(row["deploy"], indent=1), flush=True)
     print(json.dumps(row, indent=1))
     (args.out / "check_smollm2.json").write_text(json.dumps(row, indent=1))

@@ -69,24 +69,45 @@ def memoized(analysis):
     if getattr(analysis, "_pq_ao_memo", None) is not None:
         return analysis
     memo: dict = {}
+    counts = dict.fromkeys(("hits", "misses", "unkeyed", "foreign"), 0)
 
     @functools.wraps(analysis)
     def wrapper(kernel, kwargs, *rest, **kw):
         if not ours(kernel):
+            counts["foreign"] += 1
             return analysis(kernel, kwargs, *rest, **kw)
         try:
             key = (_identity(kernel), tuple(sorted((k, _arg_key(v)) for k, v in kwargs.items())), repr(rest), repr(kw))
             hash(key)
         except Exception:  # noqa: BLE001 - an argument we can't key on (or an IR node without a dtype): no memo
+            counts["unkeyed"] += 1
             return analysis(kernel, kwargs, *rest, **kw)
-        if key not in memo:
+        if key in memo:
+            counts["hits"] += 1
+        else:
+            counts["misses"] += 1
             if len(memo) >= MAX_ENTRIES:
                 memo.clear()
             memo[key] = analysis(kernel, kwargs, *rest, **kw)
         return memo[key]
 
     wrapper._pq_ao_memo = memo
+    wrapper._pq_ao_counts = counts
     return wrapper
+
+
+def counts() -> dict:
+    """Calls of the installed memos so far, summed: hits, misses (torch's analysis ran), unkeyed (an argument the
+    key can't hold: torch's analysis ran) and foreign (another package's kernel)."""
+    try:
+        from torch._higher_order_ops import triton_kernel_wrap as twrap
+    except ImportError:
+        return {}
+    total: dict = {}
+    for name in ANALYSES:
+        for k, v in getattr(getattr(twrap, name, None), "_pq_ao_counts", {}).items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def install() -> list[str]:

@@ -75,6 +75,8 @@ def test_memo_gives_torchs_answer_once_per_distinct_launch(sm90, monkeypatch):
         assert got and got < tensors, f"{launch.name}: writes {got} (every tensor means the analysis failed)"
         distinct.add((launch.kernel, tuple(sorted((k, mutation_memo._arg_key(v)) for k, v in kwargs.items()))))
     assert len(calls) == len(distinct) <= len(launches) // 2
+    assert memo._pq_ao_counts == {"hits": len(launches) - len(calls), "misses": len(calls), "unkeyed": 0,
+                                  "foreign": 0}
 
 
 @triton.jit
