@@ -1,7 +1,8 @@
 """Where a CUDA `.pt2` departs from eager (issue 5): one quantized model, the same prompt fed through the eager
-`CacheProgram`, the exported programs (`ep.module()`), and the AOTI package, each from a fresh cache, comparing
-the length and the cache codes after prefill and the logits of every step; then each program's decode step on
-the eager cache. `--no-memo` compiles a second package without the mutation-analysis memo.
+`CacheProgram` and through each variant (the exported programs' `ep.module()`, `torch.compile`, the AOTI package,
+the package compiled without the mutation-analysis memo), each from a fresh cache, comparing the length and the
+cache codes after prefill and the logits of every step; then each variant's decode on the eager cache and its
+prefill under the eager decode. HF `generate` with the int cache (check_deploy.py's reference) is compared too.
 
     python3 benchmarks/gpu/debug_deploy.py --model stories260k --out $OUT
     python3 benchmarks/gpu/debug_deploy.py --model smollm2-shaped --layers 4 --out $OUT
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -20,6 +22,9 @@ import pq_ao
 from pq_ao import runtime
 from pq_ao.config import preset
 from pq_ao.export import CacheProgram, cache_spec, compile_package, example_inputs, export_programs
+from pq_ao.hf_compat import cache_kwarg
+from pq_ao.kernels.triton import mutation_memo
+from pq_ao.nn.kv_cache import QuantizedKVCache
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 # --model smollm2-shaped: SmolLM2-135M's attention and MLP shapes (9 query / 3 KV heads of 64), random weights
@@ -67,56 +72,96 @@ def compare(a, b) -> dict:
     return {"tokens": b["tokens"], "same_tokens": a["tokens"] == b["tokens"],
             "length_after_prefill": b["after_prefill"]["length"], "final_length": b["final_length"],
             "kv_codes_differing_after_prefill": kv_diff[:6], "kv_nonzero": int(sum(int(t.count_nonzero())
-            for t in b["after_prefill"]["kv"])), "logits_rel_err": [round(r, 6) for r in rel]}  # fmt: skip
+            for t in b["after_prefill"]["kv"])), "logits_rel_err": [float(f"{r:.2e}") for r in rel]}  # fmt: skip
+
+
+def generate_tokens(model, ids, max_len: int, steps: int) -> list[int]:
+    """HF `generate` with the int cache, as check_deploy.py's eager reference."""
+    cache = QuantizedKVCache(model, max_len, batch_size=1)
+    out = model.generate(ids, max_new_tokens=steps, do_sample=False, disable_compile=True, pad_token_id=0,
+                         **{cache_kwarg(model): cache})  # fmt: skip
+    return out[0, ids.shape[1] :].tolist()
+
+
+def without_memo() -> None:
+    from torch._higher_order_ops import triton_kernel_wrap as twrap
+
+    for fn_name in mutation_memo.ANALYSES:
+        fn = getattr(twrap, fn_name, None)
+        if getattr(fn, "_pq_ao_memo", None) is not None:
+            setattr(twrap, fn_name, fn.__wrapped__)
+
+
+def keep_wrappers(pt2: Path, out: Path, tag: str) -> None:
+    """The programs' generated C++ wrappers (the kernel launches, with their arguments) out of the package."""
+    with zipfile.ZipFile(pt2) as z:
+        for name in z.namelist():
+            if name.endswith(".wrapper.cpp"):
+                program = name.split("/")[-2]
+                (out / f"{tag}_{program}.wrapper.cpp").write_bytes(z.read(name))
+
+
+def check(model, tok, ids, max_len: int, steps: int, variants: list[str], out: Path, keep_code: bool) -> dict:
+    spec = cache_spec(model, 1, max_len)
+    prog = CacheProgram(model).eval()
+    eager = feed(prog, prog, ids, spec, steps)
+    res = {"eager": compare(eager, eager)}
+    res["generate_tokens"] = generate_tokens(model, ids, max_len, steps)
+    res["generate_matches_eager_program"] = res["generate_tokens"] == eager["tokens"]
+    for name in variants:
+        t = time.perf_counter()
+        if name == "exported":
+            _, eps = export_programs(model, 1, max_len)
+            prefill, decode = eps["prefill"].module(), eps["decode"].module()
+        elif name == "compiled":  # inductor JIT, one static graph per shape (as bench_e2e)
+            torch.compiler.reset()
+            prefill = decode = torch.compile(prog, fullgraph=True, dynamic=False)
+        else:
+            if name == "aoti_no_memo":
+                without_memo()
+            pt2 = compile_package(model, out / f"{name}.pt2", 1, max_len, tok)
+            if keep_code:
+                keep_wrappers(pt2, out, f"{name}_{max_len}")
+            pkg = runtime.load(pt2)
+            prefill, decode = pkg.prefill, pkg.decode
+        res[name] = compare(eager, feed(prefill, decode, ids, spec, steps))
+        res[name]["seconds"] = time.perf_counter() - t
+        # each program on the other's cache: this variant's decode after eager prefill, and vice versa
+        _, length, *kv = example_inputs(spec, 2, ids.device)
+        res[name]["eager_prefill_then_its_decode"] = compare(eager, feed(prog, decode, ids, spec, steps, kv, length))
+        _, length, *kv = example_inputs(spec, 2, ids.device)
+        res[name]["its_prefill_then_eager_decode"] = compare(eager, feed(prefill, prog, ids, spec, steps, kv, length))
+        print(name, max_len, json.dumps({k: v for k, v in res[name].items() if not isinstance(v, dict)}), flush=True)
+        (out / f"{name}.pt2").unlink(missing_ok=True)
+    return res
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="stories260k")
-    p.add_argument("--gguf")
-    p.add_argument("--layers", type=int, default=4, help="smollm2-shaped only")
-    p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--model", default="stories260k", help="a pq_ao.load_model name, or smollm2-shaped")
+    p.add_argument("--gguf", help="load this GGUF instead of --model")
+    p.add_argument("--layers", type=int, help="smollm2-shaped: layers (default 4); others: keep the first N")
+    p.add_argument("--max-len", default="64", help="comma-separated cache lengths, one export each")
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--no-memo", action="store_true")
+    p.add_argument("--variants", default="exported,aoti", help="of exported, compiled, aoti, aoti_no_memo (last)")
+    p.add_argument("--keep-code", action="store_true", help="write the packages' C++ wrappers to --out")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", type=Path, default=Path("."))
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
-    model, tok, ids = load(args.gguf or args.model, args.layers, args.device)
-    spec = cache_spec(model, 1, args.max_len)
-    res = {"model": args.model, "prompt_len": ids.shape[1], "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
-           "torch": torch.__version__}  # fmt: skip
+    model, tok, ids = load(args.gguf or args.model, args.layers or 4, args.device)
+    if args.model != "smollm2-shaped" and args.layers:  # the first N quantized layers
+        model.model.layers = model.model.layers[: args.layers]
+        model.config.num_hidden_layers = args.layers
+    res = {"model": args.gguf or args.model, "layers": model.config.num_hidden_layers, "prompt_len": ids.shape[1],
+           "prefix_ids": list(getattr(model, "pq_ao_prefix_ids", []) or []), "torch": torch.__version__,
+           "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "runs": {}}  # fmt: skip
+    path = args.out / f"debug_deploy_{Path(args.gguf or args.model).stem}_{res['layers']}l.json"
     with torch.no_grad():
-        prog = CacheProgram(model).eval()
-        eager = feed(prog, prog, ids, spec, args.steps)
-        res["eager"] = compare(eager, eager)
-        _, eps = export_programs(model, 1, args.max_len)
-        mods = {k: ep.module() for k, ep in eps.items()}
-        res["exported"] = compare(eager, feed(mods["prefill"], mods["decode"], ids, spec, args.steps))
-        print(json.dumps(res, indent=1), flush=True)
-        variants = [("aoti", False)] + ([("aoti_no_memo", True)] if args.no_memo else [])
-        for name, no_memo in variants:
-            if no_memo:
-                from torch._higher_order_ops import triton_kernel_wrap as twrap
-
-                for fn_name in ("identify_accessed_tensors", "identify_mutated_tensors"):
-                    fn = getattr(twrap, fn_name, None)
-                    if getattr(fn, "_pq_ao_memo", None) is not None:
-                        setattr(twrap, fn_name, fn.__wrapped__)
-            t = time.perf_counter()
-            pkg = runtime.load(compile_package(model, args.out / f"{name}.pt2", 1, args.max_len, tok))
-            res[name] = compare(eager, feed(pkg.prefill, pkg.decode, ids, spec, args.steps))
-            res[name]["compile_s"] = time.perf_counter() - t
-            # each program alone on the eager cache: the package's decode after eager prefill, and vice versa
-            _, length, *kv = example_inputs(spec, 2, ids.device)
-            mixed = feed(prog, pkg.decode, ids, spec, args.steps, kv, length)
-            res[name]["eager_prefill_then_pkg_decode"] = compare(eager, mixed)
-            _, length, *kv = example_inputs(spec, 2, ids.device)
-            mixed = feed(pkg.prefill, prog, ids, spec, args.steps, kv, length)
-            res[name]["pkg_prefill_then_eager_decode"] = compare(eager, mixed)
-            print(json.dumps(res[name], indent=1), flush=True)
-            (args.out / f"debug_deploy_{args.model}.json").write_text(json.dumps(res, indent=1))
-    (args.out / f"debug_deploy_{args.model}.json").write_text(json.dumps(res, indent=1))
+        for max_len in map(int, args.max_len.split(",")):
+            res["runs"][max_len] = check(model, tok, ids, max_len, args.steps, args.variants.split(","), args.out,
+                                         args.keep_code)  # fmt: skip
+            path.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
