@@ -67,3 +67,19 @@ def assert_boundary_flips_only(q: torch.Tensor, q_ref: torch.Tensor, v: torch.Te
         near = frac <= tol * float(v.abs().max().clamp_min(1.0))
         assert near.all(), f"{what}: {int((~near).sum())} mismatches away from a rounding boundary"
         assert off.float().mean() <= max_rate, f"{what}: {int(off.sum())} boundary flips of {q.numel()}"
+
+
+def through_aoti(fn, args: tuple, path, dynamic_shapes=None):
+    """`fn(*args)` exported, AOT-compiled into the `.pt2` at `path` and loaded back in this process: the loaded
+    program, which takes the same positional tensors as `fn`."""
+    from pq_ao.runtime import preload_libstdcxx
+
+    preload_libstdcxx()  # AOTI's wrapper .so needs it on the GPU box (see pq_ao/runtime.py)
+
+    class Call(torch.nn.Module):
+        def forward(self, *a):
+            return fn(*a)
+
+    ep = torch.export.export(Call(), args, dynamic_shapes=dynamic_shapes, strict=False)
+    pt2 = torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
+    return torch._inductor.aoti_load_package(pt2)

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from pq_triton_testutil import cases, poison
+from pq_triton_testutil import cases, poison, through_aoti
 
 from pq_ao import quant_math
 from pq_ao.kernels import reference
@@ -180,3 +180,24 @@ def test_op_compiles_on_cuda(device, case):
     got = torch.compile(step, fullgraph=True)(*args)
     want = reference.kv_attention(*(a.cpu() for a in args), scaling, bits)
     _check(got.unflatten(2, (hq, d)).transpose(1, 2), want, _v_max(args, bits), "compiled")
+
+
+# SmolLM2-135M decode (9 / 3 heads of 64, a 3-token prefix, fp32) at a cache of one split and of two (combine
+# kernel), and Llama-3-8B decode
+AOTI_CASES = [(1, 9, 3, 1, 64, 3, 64, 4, FP32, None), (1, 9, 3, 1, 256, 3, 64, 4, FP32, None),
+              (1, 9, 3, 1, 256, 1, 64, 4, FP32, None), (4, 32, 8, 1, 3000, 4, 128, 4, BF16, None)]  # fmt: skip
+
+
+@pytest.mark.parametrize("device,case", cases([], AOTI_CASES))
+def test_op_through_aoti_on_cuda(device, case, tmp_path):
+    """torch.export + AOTInductor of the op, loaded back: the packaged kernels give the eager launch's output."""
+    b, hq, hkv, tq, s, p, d, bits, dtype, _ = case
+    args, scaling, bits = _inputs(b, hq, hkv, tq, s, p, d, bits, dtype, device, seed=10)
+
+    def step(*a):
+        return torch.ops.pq_ao.kv_attention(*a, scaling, bits)
+
+    got = through_aoti(step, args, tmp_path / "kv_attention.pt2")(*args)
+    want = step(*args)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

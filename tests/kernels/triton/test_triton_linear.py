@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pq_triton_testutil import DEVICES, assert_one_rounding, cases, poison
+from pq_triton_testutil import DEVICES, assert_one_rounding, cases, poison, through_aoti
 
 from pq_ao import quant_math
-from pq_ao.kernels import reference
+from pq_ao.hadamard import hadamard_factor
+from pq_ao.kernels import ops, reference
 from pq_ao.kernels import triton as tk
 from pq_ao.kernels.triton.gemm import GemmConfig, gemv_config, int_linear_with_config
 
@@ -153,3 +154,37 @@ def test_static_linear_matches_quantize_then_linear(device, shape, a_bits, w_bit
     y = tk.static_linear(x, x_scale, wq, w_scale, bias, a_bits, w_bits, torch.bfloat16)
     assert y.shape == (m, n) and y.dtype == torch.bfloat16
     assert_one_rounding(y, ref32, f"static_linear W{w_bits}A{a_bits} {m}x{n}x{k} bf16", terms)
+
+
+# (K, N, online Hadamard): SmolLM2-135M's gate/up and down projections, Llama-3-8B's down projection
+LAYER_AOTI = [(576, 1536, False), (1536, 576, True), (14336, 4096, True)]
+
+
+@pytest.mark.parametrize("device,case", cases([], LAYER_AOTI))
+def test_static_layer_ops_through_aoti_on_cuda(device, case, tmp_path):
+    """A static W4A4 layer's ops (quantize, or Hadamard + quantize, then the int GEMM) exported with a dynamic row
+    count, AOT-compiled and loaded back: the eager outputs at 1 row (decode), 15 and 2048 (prefill)."""
+    k, n, online = case
+    gen = torch.Generator().manual_seed(k + n)
+    wq = _operand(n, k, 4, device, gen)
+    w_scale = (torch.rand(n, generator=gen) * 0.01 + 1e-3).to(device)
+    had_k = hadamard_factor(k)[1].float().to(device) if online else None
+    x_scale = torch.tensor([0.05], device=device)
+
+    def layer(x, x_scale, wq, w_scale):
+        if had_k is not None:
+            xq = ops.hadamard_quantize_static(x, had_k, x_scale, 4)
+        else:
+            xq = ops.quantize_static(x, x_scale, 4)
+        return ops.int_linear(xq, x_scale, wq, w_scale, None, 4, 4, x.dtype)
+
+    def x_of(m):
+        return torch.randn(m, k, generator=gen).to(device)
+
+    rows = torch.export.Dim("rows", min=1, max=4096)
+    packaged = through_aoti(layer, (x_of(2), x_scale, wq, w_scale), tmp_path / "layer.pt2",
+                            dynamic_shapes=(({0: rows}, None, None, None),))  # fmt: skip
+    for m in (1, 15, 2048):
+        x = x_of(m)
+        torch.testing.assert_close(packaged(x, x_scale, wq, w_scale), layer(x, x_scale, wq, w_scale), rtol=1e-5,
+                                   atol=1e-5, msg=lambda e: f"{m} rows: {e}")  # fmt: skip
