@@ -12,6 +12,12 @@ rotations, scales and weights are constants of the programs; the batch size and 
 
 The package's metadata (`get_metadata()["pq_ao"]`, JSON) describes the cache and the tokens, and the archive
 carries the tokenizer (`extra/pq_ao/tokenizer/`), so that `pq_ao.runtime` needs nothing but the `.pt2`.
+
+The weights are stored once in the archive (`data/weights/`, shared by both programs: torch's packager
+deduplicates tensors that share storage) rather than compiled into each program's `.so`, which halves the package
+and spares the C++ build a constant blob of the model's size. Such a package loads through `pq_ao.runtime.load`
+(or torch's `load_pt2(path, load_weights_from_disk=True)`, which hands both programs the same weight tensors);
+a bare `load_package` would run its program without weights.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from pq_ao.hf_compat import cache_kwarg
 from pq_ao.nn.kv_cache import QuantizedKVCache
 
 PROGRAMS = ("prefill", "decode")
+# weights into data/weights/ of the archive, once, instead of into each program's .so (where torch has the option)
+WEIGHTS_ON_DISK = {"aot_inductor.package_constants_in_so": False,
+                   "aot_inductor.package_constants_on_disk_format": "pickle_weights"}  # fmt: skip
 log = logging.getLogger(__name__)
 FORMAT = 1
 
@@ -116,7 +125,7 @@ def compile_package(
         # (no "aot_inductor.model_name_for_generated_files": with it the CPU programs computed wrong logits,
         # 9-12% off, on torch 2.13; package_aoti keeps the two programs' files apart by model name anyway)
         meta = {"pq_ao": json.dumps(spec), "program": name}
-        options = {"aot_inductor.package": True, "aot_inductor.metadata": meta}
+        options = {"aot_inductor.package": True, "aot_inductor.metadata": meta, **_weights_on_disk()}
         args, kwargs = ep.example_inputs
         files[name] = torch._inductor.aot_compile(_unguarded_module(ep), args, kwargs, options=options)
         log.info("AOT-compiled %s in %.1f s", name, time.perf_counter() - t)
@@ -139,6 +148,11 @@ def _add_tokenizer(path: Path, tokenizer) -> None:
             root = z.namelist()[0].split("/")[0]
             for f in sorted(Path(tmp).iterdir()):
                 z.write(f, f"{root}/{TOKENIZER_DIR}/{f.name}")
+
+
+def _weights_on_disk() -> dict:
+    has = hasattr(torch._inductor.config.aot_inductor, "package_constants_on_disk_format")
+    return WEIGHTS_ON_DISK if has else {}
 
 
 def _unguarded_module(ep) -> torch.fx.GraphModule:

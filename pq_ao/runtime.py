@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import inspect
 import json
 import os
 import shutil
@@ -60,6 +61,28 @@ def preload_libstdcxx() -> str | None:
     return None
 
 
+def load_programs(path: str | Path) -> dict:
+    """The AOTI programs of a `.pt2`, by name, with the archive's weights (`data/weights/`, written once for all
+    programs) loaded once and handed to every program (or, in a package whose weights are inside each `.so`,
+    those)."""
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    on_disk = any("/data/weights/" in n for n in names)
+    try:
+        from torch.export.pt2_archive._package import load_pt2
+    except ImportError:
+        load_pt2 = None
+    if load_pt2 is not None and "load_weights_from_disk" in inspect.signature(load_pt2).parameters:
+        return load_pt2(str(path), load_weights_from_disk=on_disk).aoti_runners
+    if on_disk:
+        raise RuntimeError(f"{path} keeps its weights in data/weights/, which this torch ({torch.__version__}) "
+                           "cannot load: use the torch that exported it")  # fmt: skip
+    from torch._inductor.package import load_package
+
+    programs = {n.split("/")[3] for n in names if n.split("/")[1:3] == ["data", "aotinductor"]}
+    return {name: load_package(str(path), model_name=name) for name in programs}
+
+
 class Package:
     """The two programs of a pq_ao `.pt2`, their cache, and greedy generation.
 
@@ -69,11 +92,9 @@ class Package:
 
     def __init__(self, path: str | Path, device: str | torch.device | None = None):
         preload_libstdcxx()
-        from torch._inductor.package import load_package
-
         self.path = Path(path)
-        self.prefill = load_package(str(self.path), model_name="prefill")
-        self.decode = load_package(str(self.path), model_name="decode")
+        runners = load_programs(self.path)
+        self.prefill, self.decode = runners["prefill"], runners["decode"]
         self.spec = json.loads(self.decode.get_metadata()["pq_ao"])
         self.device = torch.device(device or self.spec["device"])  # the device the programs were compiled for
         dtype = getattr(torch, self.spec["kv_dtype"])
