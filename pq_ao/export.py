@@ -110,10 +110,16 @@ def export_programs(model: nn.Module, batch_size: int = 1, max_cache_len: int = 
 
 
 def compile_package(
-    model: nn.Module, path: str | Path, batch_size: int = 1, max_cache_len: int = 2048, tokenizer=None
+    model: nn.Module,
+    path: str | Path,
+    batch_size: int = 1,
+    max_cache_len: int = 2048,
+    tokenizer=None,
+    weights_in_so: bool = False,
 ) -> Path:
     """Export both programs and AOT-compile them into the `.pt2` at `path` (see the module docstring); the
-    tokenizer (default: the model's, from `pq_ao.load_model` / `load_quantized`) goes into the archive too."""
+    tokenizer (default: the model's, from `pq_ao.load_model` / `load_quantized`) goes into the archive too.
+    `weights_in_so`: compile the weights into each program's `.so` instead (torch's default layout)."""
     from torch._inductor.package import package_aoti
 
     t = time.perf_counter()
@@ -125,7 +131,8 @@ def compile_package(
         # (no "aot_inductor.model_name_for_generated_files": with it the CPU programs computed wrong logits,
         # 9-12% off, on torch 2.13; package_aoti keeps the two programs' files apart by model name anyway)
         meta = {"pq_ao": json.dumps(spec), "program": name}
-        options = {"aot_inductor.package": True, "aot_inductor.metadata": meta, **_weights_on_disk()}
+        weights = {} if weights_in_so else _weights_on_disk()
+        options = {"aot_inductor.package": True, "aot_inductor.metadata": meta, **weights}
         args, kwargs = ep.example_inputs
         files[name] = torch._inductor.aot_compile(_unguarded_module(ep), args, kwargs, options=options)
         log.info("AOT-compiled %s in %.1f s", name, time.perf_counter() - t)

@@ -1,6 +1,6 @@
 """Where a CUDA `.pt2` departs from eager (issue 5): one quantized model, the same prompt fed through the eager
 `CacheProgram` and through each variant (the exported programs' `ep.module()`, `torch.compile`, the AOTI package,
-the package compiled without the mutation-analysis memo), each from a fresh cache, comparing the length and the
+the package with its weights inside the `.so`, the package compiled without the mutation-analysis memo), each from a fresh cache, comparing the length and the
 cache codes after prefill and the logits of every step; then each variant's decode on the eager cache and its
 prefill under the eager decode. HF `generate` with the int cache (check_deploy.py's reference) is compared too.
 
@@ -119,7 +119,7 @@ def check(model, tok, ids, max_len: int, steps: int, variants: list[str], out: P
         else:
             if name == "aoti_no_memo":
                 without_memo()
-            pt2 = compile_package(model, out / f"{name}.pt2", 1, max_len, tok)
+            pt2 = compile_package(model, out / f"{name}.pt2", 1, max_len, tok, weights_in_so=name == "aoti_in_so")
             if keep_code:
                 keep_wrappers(pt2, out, f"{name}_{max_len}")
             pkg = runtime.load(pt2)
@@ -143,7 +143,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, help="smollm2-shaped: layers (default 4); others: keep the first N")
     p.add_argument("--max-len", default="64", help="comma-separated cache lengths, one export each")
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--variants", default="exported,aoti", help="of exported, compiled, aoti, aoti_no_memo (last)")
+    p.add_argument("--variants", default="exported,aoti",
+                   help="of exported, compiled, aoti, aoti_in_so (weights in the .so), aoti_no_memo (last)")
     p.add_argument("--keep-code", action="store_true", help="write the packages' C++ wrappers to --out")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", type=Path, default=Path("."))
