@@ -135,13 +135,18 @@ class PrefixAttention(nn.Module):
         return 0 if self.prefix_k is None else self.prefix_k.shape[2]
 
     def set_prefix(self, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
-        """Install the prefix KV, `[1, H_kv, P, D]` each (K post-RoPE, post-R3), as constant buffers."""
+        """Install the prefix KV, `[1, H_kv, P, D]` each (K post-RoPE, post-R3), as contiguous constant buffers.
+        Contiguous, because `pq_ao::kv_attention` reads them through strides fixed when a graph is traced, and
+        nothing promises that an AOTI package keeps a constant's strides. V arrives as a transposed view, so with
+        P > 1 it was not contiguous, which is the one difference found so far between the SmolLM2 package that
+        decodes wrongly on the H200 and the packages that decode exactly."""
         if k is None:
             self.prefix_k = self.prefix_v = None
             return
         if k.shape != v.shape or k.dim() != 4 or k.shape[0] != 1 or k.shape[1] != self.n_kv_heads:
             raise ValueError(f"prefix K/V must be [1, {self.n_kv_heads}, P, {self.head_dim}], got {k.shape}, {v.shape}")
-        self.prefix_k, self.prefix_v = k.detach().clone(), v.detach().clone()
+        self.prefix_k = k.detach().clone(memory_format=torch.contiguous_format)
+        self.prefix_v = v.detach().clone(memory_format=torch.contiguous_format)
 
     # ---- forward --------------------------------------------------------------------------------------------
     def _r3(self, x: torch.Tensor) -> torch.Tensor:
