@@ -201,3 +201,23 @@ def test_op_through_aoti_on_cuda(device, case, tmp_path):
     want = step(*args)
     assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,case", cases([], [(1, 9, 3, 1, 256, 3, 64, 4, FP32, None)]))
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_constant_prefix_through_aoti_on_cuda(device, case, contiguous, tmp_path):
+    """The prefix KV as constants of the package (as in a model), contiguous and as the transposed view a model's
+    V is: the packaged kernel reads the values eager does. (Non-contiguous prefix constants are the suspect of the
+    wrong SmolLM2 package of 2026-12-02; `PrefixAttention.set_prefix` now stores contiguous copies.)"""
+    b, hq, hkv, tq, s, p, d, bits, dtype, _ = case
+    (q, k, v, ks, vs, pk, pv, mask), scaling, bits = _inputs(b, hq, hkv, tq, s, p, d, bits, dtype, device, seed=11)
+    if not contiguous:
+        pk, pv = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (pk, pv))
+        assert not pv.is_contiguous()
+
+    def step(q, k, v, ks, vs, mask):
+        return torch.ops.pq_ao.kv_attention(q, k, v, ks, vs, pk, pv, mask, scaling, bits)
+
+    args = (q, k, v, ks, vs, mask)
+    got = through_aoti(step, args, tmp_path / "kv_attention.pt2")(*args)
+    torch.testing.assert_close(got, step(*args), rtol=1e-5, atol=1e-5)
