@@ -1,7 +1,7 @@
 """Where a CUDA `.pt2` departs from eager (issue 5): one quantized model, the same prompt fed through the eager
 `CacheProgram` and through each variant (the exported programs' `ep.module()`, `torch.compile`, the AOTI package,
-the package with its weights inside the `.so`, the package compiled without the mutation-analysis memo), each from a fresh cache, comparing the length and the
-cache codes after prefill and the logits of every step; then each variant's decode on the eager cache and its
+the package with its weights inside the `.so`, the package compiled without the mutation-analysis memo), each
+from a fresh cache, comparing the length and the cache codes after prefill and the logits of every step; then each variant's decode on the eager cache and its
 prefill under the eager decode. HF `generate` with the int cache (check_deploy.py's reference) is compared too.
 
     python3 benchmarks/gpu/debug_deploy.py --model stories260k --out $OUT
@@ -52,10 +52,9 @@ def load(name: str, layers: int, device: str):
     return model, None, torch.randint(10, config.vocab_size, (1, 15), generator=gen).to(device)
 
 
-def feed(prefill, decode, ids, spec, steps: int, kv=None, length=None):
-    """Greedy steps from a fresh cache (or the given one); returns what each stage left behind."""
-    if kv is None:
-        _, length, *kv = example_inputs(spec, 2, ids.device)
+def feed(prefill, decode, ids, spec, steps: int):
+    """Greedy steps from a fresh cache; returns what each stage left behind."""
+    _, length, *kv = example_inputs(spec, 2, ids.device)
     logits = [prefill(ids, length, *kv)]
     after = {"length": int(length), "kv": [t.clone() for t in kv]}
     toks = []
@@ -127,10 +126,8 @@ def check(model, tok, ids, max_len: int, steps: int, variants: list[str], out: P
         res[name] = compare(eager, feed(prefill, decode, ids, spec, steps))
         res[name]["seconds"] = time.perf_counter() - t
         # each program on the other's cache: this variant's decode after eager prefill, and vice versa
-        _, length, *kv = example_inputs(spec, 2, ids.device)
-        res[name]["eager_prefill_then_its_decode"] = compare(eager, feed(prog, decode, ids, spec, steps, kv, length))
-        _, length, *kv = example_inputs(spec, 2, ids.device)
-        res[name]["its_prefill_then_eager_decode"] = compare(eager, feed(prefill, prog, ids, spec, steps, kv, length))
+        res[name]["eager_prefill_then_its_decode"] = compare(eager, feed(prog, decode, ids, spec, steps))
+        res[name]["its_prefill_then_eager_decode"] = compare(eager, feed(prefill, prog, ids, spec, steps))
         print(name, max_len, json.dumps({k: v for k, v in res[name].items() if not isinstance(v, dict)}), flush=True)
         (out / f"{name}.pt2").unlink(missing_ok=True)
     return res

@@ -136,10 +136,8 @@ class PrefixAttention(nn.Module):
 
     def set_prefix(self, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
         """Install the prefix KV, `[1, H_kv, P, D]` each (K post-RoPE, post-R3), as contiguous constant buffers.
-        Contiguous, because `pq_ao::kv_attention` reads them through strides fixed when a graph is traced, and
-        nothing promises that an AOTI package keeps a constant's strides. V arrives as a transposed view, so with
-        P > 1 it was not contiguous, which is the one difference found so far between the SmolLM2 package that
-        decodes wrongly on the H200 and the packages that decode exactly."""
+        Contiguous: `pq_ao::kv_attention` reads them through strides fixed when a graph is traced, and nothing
+        promises that an AOTI package keeps a constant's strides (V arrives as a transposed view)."""
         if k is None:
             self.prefix_k = self.prefix_v = None
             return
