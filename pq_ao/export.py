@@ -91,21 +91,28 @@ def example_inputs(spec: dict, seqlen: int, device) -> tuple:
 
 
 @torch.no_grad()
-def export_programs(model: nn.Module, batch_size: int = 1, max_cache_len: int = 2048):
-    """(spec, {"prefill": ExportedProgram, "decode": ExportedProgram}) of a quantized model (static int KV)."""
+def export_programs(model: nn.Module, batch_size: int = 1, max_cache_len: int = 2048,
+                    programs: tuple[str, ...] = PROGRAMS, program: nn.Module | None = None):
+    """(spec, {"prefill": ExportedProgram, "decode": ExportedProgram}) of a quantized model (static int KV), or
+    of the named `programs` only. `program`: the module exported (default `CacheProgram(model)`); another must
+    take the same inputs (a debugging variant may return more)."""
     if max_cache_len < 2:
         raise ValueError(f"max_cache_len must be >= 2, got {max_cache_len}")
+    unknown = set(programs) - set(PROGRAMS)
+    if unknown or not programs:
+        raise ValueError(f"programs must be a non-empty subset of {PROGRAMS}, got {programs}")
     model.eval()
     spec = cache_spec(model, batch_size, max_cache_len)
     device = next(model.parameters()).device
-    program = CacheProgram(model)
+    program = program if program is not None else CacheProgram(model)
     seq = torch.export.Dim("seqlen", min=2, max=max_cache_len)
     n_kv = 2 * spec["n_layers"]
-    eps = {
-        "prefill": torch.export.export(program, example_inputs(spec, 2, device),
-                                       dynamic_shapes=({1: seq}, None, (None,) * n_kv), strict=False),
-        "decode": torch.export.export(program, example_inputs(spec, 1, device), strict=False),
-    }  # fmt: skip
+    eps = {}
+    if "prefill" in programs:
+        eps["prefill"] = torch.export.export(program, example_inputs(spec, 2, device),
+                                             dynamic_shapes=({1: seq}, None, (None,) * n_kv), strict=False)
+    if "decode" in programs:
+        eps["decode"] = torch.export.export(program, example_inputs(spec, 1, device), strict=False)
     return spec, eps
 
 
@@ -125,17 +132,7 @@ def compile_package(
     t = time.perf_counter()
     spec, eps = export_programs(model, batch_size, max_cache_len)
     log.info("exported %s in %.1f s", " and ".join(eps), time.perf_counter() - t)
-    files = {}
-    for name, ep in eps.items():
-        t = time.perf_counter()
-        # (no "aot_inductor.model_name_for_generated_files": with it the CPU programs computed wrong logits,
-        # 9-12% off, on torch 2.13; package_aoti keeps the two programs' files apart by model name anyway)
-        meta = {"pq_ao": json.dumps(spec), "program": name}
-        weights = {} if weights_in_so else _weights_on_disk()
-        options = {"aot_inductor.package": True, "aot_inductor.metadata": meta, **weights}
-        args, kwargs = ep.example_inputs
-        files[name] = torch._inductor.aot_compile(_unguarded_module(ep), args, kwargs, options=options)
-        log.info("AOT-compiled %s in %.1f s", name, time.perf_counter() - t)
+    files = {name: aot_compile_program(ep, name, spec, weights_in_so) for name, ep in eps.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     package_aoti(str(path), files)
@@ -143,6 +140,21 @@ def compile_package(
     if tokenizer is not None:
         _add_tokenizer(path, tokenizer)
     return path
+
+
+def aot_compile_program(ep, name: str, spec: dict, weights_in_so: bool = False) -> list[str]:
+    """AOT-compile one exported program (`export_programs`) into package files, `package_aoti`'s input, with the
+    spec and the program's name as its metadata."""
+    t = time.perf_counter()
+    # (no "aot_inductor.model_name_for_generated_files": with it the CPU programs computed wrong logits,
+    # 9-12% off, on torch 2.13; package_aoti keeps the two programs' files apart by model name anyway)
+    meta = {"pq_ao": json.dumps(spec), "program": name}
+    weights = {} if weights_in_so else _weights_on_disk()
+    options = {"aot_inductor.package": True, "aot_inductor.metadata": meta, **weights}
+    args, kwargs = ep.example_inputs
+    files = torch._inductor.aot_compile(_unguarded_module(ep), args, kwargs, options=options)
+    log.info("AOT-compiled %s in %.1f s", name, time.perf_counter() - t)
+    return files
 
 
 TOKENIZER_DIR = "extra/pq_ao/tokenizer"  # inside the archive's root folder

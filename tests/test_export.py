@@ -86,6 +86,15 @@ def test_exported_programs_generate_like_eager(quantized):
     assert ops >= {"pq_ao.kv_attention.default", "pq_ao.int_linear.default"}
 
 
+def test_export_programs_by_name(quantized):
+    model, _ = quantized
+    spec, eps = export.export_programs(model, 1, MAX_LEN, programs=("decode",))
+    assert list(eps) == ["decode"] and spec["max_cache_len"] == MAX_LEN
+    for bad in ((), ("decode", "verify")):
+        with pytest.raises(ValueError, match="programs must be"):
+            export.export_programs(model, 1, MAX_LEN, programs=bad)
+
+
 def test_package_generates_the_eager_tokens_in_a_fresh_process_without_pq_ao(package, quantized, tmp_path):
     model, tok = quantized
     ids = _prompt(tok)

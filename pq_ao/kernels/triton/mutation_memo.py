@@ -123,3 +123,18 @@ def install() -> list[str]:
             setattr(twrap, name, memoized(fn))
             wrapped.append(name)
     return wrapped
+
+
+def uninstall() -> list[str]:
+    """Put torch's own analysis back (the inverse of `install`); returns the names unwrapped."""
+    try:
+        from torch._higher_order_ops import triton_kernel_wrap as twrap
+    except ImportError:
+        return []
+    unwrapped = []
+    for name in ANALYSES:
+        fn = getattr(twrap, name, None)
+        if getattr(fn, "_pq_ao_memo", None) is not None:
+            setattr(twrap, name, fn.__wrapped__)
+            unwrapped.append(name)
+    return unwrapped

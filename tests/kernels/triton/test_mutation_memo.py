@@ -44,6 +44,19 @@ def test_installed_where_torch_calls_it():
     assert mutation_memo.install() == _installed()  # idempotent: no second layer
 
 
+def test_uninstall_restores_torchs_function():
+    names = _installed()
+    wrapped = {n: getattr(twrap, n) for n in names}
+    try:
+        assert mutation_memo.uninstall() == names
+        assert _installed() == []
+        assert all(getattr(twrap, n) is wrapped[n].__wrapped__ for n in names)
+        assert mutation_memo.uninstall() == []  # nothing left to unwrap
+    finally:
+        mutation_memo.install()
+    assert _installed() == names
+
+
 class _Counted:
     """torch's own analysis (under the installed memo), counting its runs."""
 
