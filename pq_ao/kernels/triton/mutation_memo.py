@@ -96,45 +96,37 @@ def memoized(analysis):
     return wrapper
 
 
-def counts() -> dict:
-    """Calls of the installed memos so far, summed: hits, misses (torch's analysis ran), unkeyed (an argument the
-    key can't hold: torch's analysis ran) and foreign (another package's kernel)."""
+def _analyses() -> tuple:
+    """(torch's triton_kernel_wrap module or None, {name: the analysis function there now})."""
     try:
         from torch._higher_order_ops import triton_kernel_wrap as twrap
     except ImportError:
-        return {}
+        return None, {}
+    return twrap, {n: getattr(twrap, n) for n in ANALYSES if callable(getattr(twrap, n, None))}
+
+
+def counts() -> dict:
+    """Calls of the installed memos so far, summed: hits, misses (torch's analysis ran), unkeyed (an argument the
+    key can't hold: torch's analysis ran) and foreign (another package's kernel)."""
     total: dict = {}
-    for name in ANALYSES:
-        for k, v in getattr(getattr(twrap, name, None), "_pq_ao_counts", {}).items():
+    for fn in _analyses()[1].values():
+        for k, v in getattr(fn, "_pq_ao_counts", {}).items():
             total[k] = total.get(k, 0) + v
     return total
 
 
 def install() -> list[str]:
     """Wrap torch's mutation analysis (idempotent); returns the names wrapped."""
-    try:
-        from torch._higher_order_ops import triton_kernel_wrap as twrap
-    except ImportError:
-        return []
-    wrapped = []
-    for name in ANALYSES:
-        fn = getattr(twrap, name, None)
-        if callable(fn):
-            setattr(twrap, name, memoized(fn))
-            wrapped.append(name)
-    return wrapped
+    twrap, fns = _analyses()
+    for name, fn in fns.items():
+        setattr(twrap, name, memoized(fn))
+    return list(fns)
 
 
 def uninstall() -> list[str]:
     """Put torch's own analysis back (the inverse of `install`); returns the names unwrapped."""
-    try:
-        from torch._higher_order_ops import triton_kernel_wrap as twrap
-    except ImportError:
-        return []
-    unwrapped = []
-    for name in ANALYSES:
-        fn = getattr(twrap, name, None)
-        if getattr(fn, "_pq_ao_memo", None) is not None:
-            setattr(twrap, name, fn.__wrapped__)
-            unwrapped.append(name)
-    return unwrapped
+    twrap, fns = _analyses()
+    memos = [name for name, fn in fns.items() if getattr(fn, "_pq_ao_memo", None) is not None]
+    for name in memos:
+        setattr(twrap, name, fns[name].__wrapped__)
+    return memos
