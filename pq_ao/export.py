@@ -142,15 +142,16 @@ def compile_package(
     return path
 
 
-def aot_compile_program(ep, name: str, spec: dict, weights_in_so: bool = False) -> list[str]:
+def aot_compile_program(ep, name: str, spec: dict, weights_in_so: bool = False, options: dict | None = None
+                        ) -> list[str]:
     """AOT-compile one exported program (`export_programs`) into package files, `package_aoti`'s input, with the
-    spec and the program's name as its metadata."""
+    spec and the program's name as its metadata; `options`: more inductor settings."""
     t = time.perf_counter()
     # (no "aot_inductor.model_name_for_generated_files": with it the CPU programs computed wrong logits,
     # 9-12% off, on torch 2.13; package_aoti keeps the two programs' files apart by model name anyway)
     meta = {"pq_ao": json.dumps(spec), "program": name}
     weights = {} if weights_in_so else _weights_on_disk()
-    options = {"aot_inductor.package": True, "aot_inductor.metadata": meta, **weights}
+    options = {"aot_inductor.package": True, "aot_inductor.metadata": meta, **weights, **(options or {})}
     args, kwargs = ep.example_inputs
     files = torch._inductor.aot_compile(_unguarded_module(ep), args, kwargs, options=options)
     log.info("AOT-compiled %s in %.1f s", name, time.perf_counter() - t)

@@ -12,7 +12,16 @@ Variants (`--variants`):
   fresh process without the CUDA caching allocator, so that an access outside a buffer is outside an allocation;
 - `aoti_decode_layers`: the same for a decode program that also returns every decoder layer's output at the last
   position, compared layer by layer (the first layer that departs; its graph differs, so it may not reproduce);
-- `compiled_decode`: `torch.compile` of the decode program alone (inductor without AOTI).
+- `aoti_decode_eager_numerics`: `aoti_decode` compiled with the inductor settings that bring its arithmetic
+  closer to eager's (`eager_numerics_options`);
+- `compiled_decode`: `torch.compile` of the decode program alone (inductor without AOTI);
+- `eager_noise`: eager with every layer's output perturbed by a relative 1e-6 (`text_sensitivity.LayerNoise`),
+  the noise floor: how far a correct implementation with other rounding goes.
+
+Besides the greedy run, each variant is also fed the eager tokens (teacher forcing, `forced`): with the same inputs
+at every step its logits differ from eager's by rounding alone, and `forced_top1_agreement` says how often the
+argmax still agrees. The static 4-bit grids make the greedy text itself depend on single ulps
+(`benchmarks/text_sensitivity.py`), so the forced numbers are the ones to compare against the noise floor.
 
 `--layers 30,12,6` (real models, descending) quantizes once and checks the first N layers for each N.
 
@@ -51,12 +60,16 @@ from pq_ao.hf_compat import cache_kwarg
 from pq_ao.kernels.triton import mutation_memo
 from pq_ao.nn.kv_cache import QuantizedKVCache
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from text_sensitivity import LayerNoise  # noqa: E402
+
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 # --model smollm2-shaped: SmolLM2-135M's attention and MLP shapes (9 query / 3 KV heads of 64), random weights
 SMOLLM2_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                       head_dim=64, vocab_size=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
                       rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=2048)  # fmt: skip
-DECODE_ONLY = ("aoti_decode", "aoti_decode_layers", "compiled_decode")
+DECODE_ONLY = ("aoti_decode", "aoti_decode_layers", "aoti_decode_eager_numerics", "compiled_decode",
+               "eager_noise")  # fmt: skip
 
 
 def load(name: str, layers: int, device: str, config: str):
@@ -104,15 +117,15 @@ class LayerOutputs(CacheProgram):
         return logits, torch.stack(outs)
 
 
-def feed(prefill, decode, ids, spec, steps: int):
-    """Greedy steps from a fresh cache; returns what each stage left behind (and, from a decode that returns
-    them, the layer outputs of every decode step)."""
+def feed(prefill, decode, ids, spec, steps: int, forced: list[int] | None = None):
+    """Greedy steps (or the `forced` tokens) from a fresh cache; returns what each stage left behind (and, from a
+    decode that returns them, the layer outputs of every decode step)."""
     _, length, *kv = example_inputs(spec, 2, ids.device)
     logits = [prefill(ids, length, *kv)]
     after = {"length": int(length), "kv": [t.clone() for t in kv]}
     toks, layers = [], []
-    for _ in range(steps):
-        toks.append(int(logits[-1].argmax(-1)))
+    for i in range(steps):
+        toks.append(int(logits[-1].argmax(-1)) if forced is None else forced[i])
         out = decode(torch.tensor([[toks[-1]]], device=ids.device), length, *kv)
         if isinstance(out, (tuple, list)):
             out, hidden = out
@@ -129,7 +142,8 @@ def _rel(x, y) -> float:
 def compare(a, b) -> dict:
     kv_diff = [int((x != y).sum()) for x, y in zip(a["after_prefill"]["kv"], b["after_prefill"]["kv"])]
     rel = [_rel(x, y) for x, y in zip(a["logits"], b["logits"])]
-    res = {"tokens": b["tokens"], "same_tokens": a["tokens"] == b["tokens"],
+    top1 = [int(x.argmax(-1)) == int(y.argmax(-1)) for x, y in zip(a["logits"], b["logits"])]
+    res = {"tokens": b["tokens"], "same_tokens": a["tokens"] == b["tokens"], "top1_agreement": sum(top1) / len(top1),
            "length_after_prefill": b["after_prefill"]["length"], "final_length": b["final_length"],
            "kv_codes_differing_after_prefill": kv_diff[:6], "kv_nonzero": int(sum(int(t.count_nonzero())
            for t in b["after_prefill"]["kv"])), "logits_rel_err": [float(f"{r:.2e}") for r in rel]}  # fmt: skip
@@ -157,10 +171,24 @@ def keep_wrappers(pt2: Path, out: Path, tag: str) -> None:
                 (out / f"{tag}_{program}.wrapper.cpp").write_bytes(z.read(name))
 
 
-def decode_package(model, max_len: int, pt2: Path, program=None) -> Path:
+def eager_numerics_options() -> dict:
+    """Inductor settings, those this torch has, that bring its arithmetic closer to eager's: no FMA contraction and
+    eager's casts (`emulate_precision_casts`), IEEE division and the CUDA toolkit's libdevice (`eager_numerics`)."""
+    cfg = torch._inductor.config
+    opts = {"emulate_precision_casts": True} if hasattr(cfg, "emulate_precision_casts") else {}
+    if hasattr(cfg, "emulate_divison_rounding"):  # sic: the name before torch moved it into eager_numerics
+        opts["emulate_divison_rounding"] = True
+    numerics = getattr(cfg, "eager_numerics", None)
+    for key in ("division_rounding", "use_pytorch_libdevice"):
+        if numerics is not None and hasattr(numerics, key):
+            opts[f"eager_numerics.{key}"] = True
+    return opts
+
+
+def decode_package(model, max_len: int, pt2: Path, program=None, options: dict | None = None) -> Path:
     """A `.pt2` holding the decode program alone (weights as `compile_package` stores them)."""
     spec, eps = export_programs(model, 1, max_len, programs=("decode",), program=program)
-    package_aoti(str(pt2), {"decode": aot_compile_program(eps["decode"], "decode", spec)})
+    package_aoti(str(pt2), {"decode": aot_compile_program(eps["decode"], "decode", spec, options=options)})
     return pt2
 
 
@@ -229,9 +257,13 @@ def check(model, tok, ids, max_len: int, steps: int, variants: list[str], out: P
         elif name == "compiled_decode":
             torch.compiler.reset()
             prefill, decode = prog, torch.compile(CacheProgram(model).eval(), fullgraph=True, dynamic=False)
-        elif name in ("aoti_decode", "aoti_decode_layers"):
+        elif name == "eager_noise":
+            prefill, decode = prog, prog
+        elif name in ("aoti_decode", "aoti_decode_layers", "aoti_decode_eager_numerics"):
             layered = LayerOutputs(model).eval() if name == "aoti_decode_layers" else None
-            pt2 = decode_package(model, max_len, out / f"{name}.pt2", layered)
+            options = eager_numerics_options() if name == "aoti_decode_eager_numerics" else None
+            res.setdefault("inductor_options", {})[name] = options
+            pt2 = decode_package(model, max_len, out / f"{name}.pt2", layered, options)
             runtime.preload_libstdcxx()
             prefill, decode = prog, runtime.load_programs(pt2)["decode"]
             if layered is not None and eager_layers is None:
@@ -245,12 +277,21 @@ def check(model, tok, ids, max_len: int, steps: int, variants: list[str], out: P
         if pt2 is not None and keep_code:
             keep_wrappers(pt2, out, f"{name}_{tag}")
         reference = eager_layers if name == "aoti_decode_layers" else eager
-        res[name] = compare(reference, feed(prefill, decode, ids, spec, steps))
+        noise = LayerNoise(model, 1e-6, seed=0) if name == "eager_noise" else None
+        try:
+            res[name] = compare(reference, feed(prefill, decode, ids, spec, steps))
+            res[name]["forced"] = compare(reference, feed(prefill, decode, ids, spec, steps, reference["tokens"]))
+        finally:
+            if noise is not None:
+                noise.remove()
         res[name]["seconds"] = time.perf_counter() - t
         if name not in DECODE_ONLY:  # each program on the other's cache
             res[name]["eager_prefill_then_its_decode"] = compare(eager, feed(prog, decode, ids, spec, steps))
             res[name]["its_prefill_then_eager_decode"] = compare(eager, feed(prefill, prog, ids, spec, steps))
         summary = {k: v for k, v in res[name].items() if not isinstance(v, dict) and k != "layer_rel_err"}
+        forced = res[name]["forced"]
+        summary["forced"] = {k: forced[k] for k in ("top1_agreement", "logits_rel_err", "first_departing_layer")
+                             if k in forced}  # fmt: skip
         print(name, tag, json.dumps(summary), flush=True)
         if name == "aoti_decode" and run_sanitizer:
             res[name]["sanitizer"] = sanitize(pt2)
