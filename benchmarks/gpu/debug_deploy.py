@@ -200,15 +200,21 @@ spec.loader.exec_module(rt)
 rt.preload_libstdcxx()
 decode = rt.load_programs({pt2!r})["decode"]
 meta = json.loads(decode.get_metadata()["pq_ao"])
-g = torch.Generator(device="cuda").manual_seed(0)
-kv = [torch.randint(0, 100, meta["kv_shape"], device="cuda", generator=g).to(getattr(torch, meta["kv_dtype"]))
+dev = meta["device"]
+g = torch.Generator(device=dev).manual_seed(0)
+kv = [torch.randint(0, 100, meta["kv_shape"], device=dev, generator=g).to(getattr(torch, meta["kv_dtype"]))
       for _ in range(2 * meta["n_layers"])]
-length = torch.tensor([15], device="cuda")
+length = torch.tensor([15], device=dev)
 for _ in range(2):
-    out = decode(torch.ones(1, 1, dtype=torch.long, device="cuda"), length, *kv)
-torch.cuda.synchronize()
+    out = decode(torch.ones(1, 1, dtype=torch.long, device=dev), length, *kv)
 print("DECODED", int(length))
 """
+
+
+def sanitized_run_script(pt2: Path) -> str:
+    """The Python source that the sanitizer runs: two decode steps of `pt2` on a random cache, pq_ao not
+    imported (runtime.py loaded as a file)."""
+    return _SANITIZED_RUN.format(runtime=str(Path(runtime.__file__)), pt2=str(pt2))
 
 
 def sanitize(pt2: Path) -> dict:
@@ -217,7 +223,7 @@ def sanitize(pt2: Path) -> dict:
     tool = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
     if not os.path.exists(tool):
         return {"error": "compute-sanitizer not found"}
-    script = _SANITIZED_RUN.format(runtime=str(Path(runtime.__file__)), pt2=str(pt2))
+    script = sanitized_run_script(pt2)
     env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
     res = {}
     for check in ("memcheck", "initcheck"):
