@@ -14,6 +14,9 @@ Variants (`--variants`):
   position, compared layer by layer (the first layer that departs; its graph differs, so it may not reproduce);
 - `aoti_decode_eager_numerics`: `aoti_decode` compiled with the inductor settings that bring its arithmetic
   closer to eager's (`eager_numerics_options`);
+- `aoti_decode_aten_numerics` (last: it patches inductor for the rest of the process): those settings, and the
+  ops that can still round otherwise (`ATEN_NUMERICS_OPS`: the RMSNorm mean, rsqrt, silu, RoPE's cos / sin,
+  division) called as ATen's own kernels, the ones eager runs;
 - `compiled_decode`: `torch.compile` of the decode program alone (inductor without AOTI);
 - `eager_noise`: eager with every layer's output perturbed by a relative 1e-6 (`text_sensitivity.LayerNoise`),
   the noise floor: how far a correct implementation with other rounding goes.
@@ -68,8 +71,8 @@ PROMPT = "Once upon a time, in a small village by the sea, there lived"
 SMOLLM2_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                       head_dim=64, vocab_size=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
                       rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=2048)  # fmt: skip
-DECODE_ONLY = ("aoti_decode", "aoti_decode_layers", "aoti_decode_eager_numerics", "compiled_decode",
-               "eager_noise")  # fmt: skip
+DECODE_ONLY = ("aoti_decode", "aoti_decode_layers", "aoti_decode_eager_numerics", "aoti_decode_aten_numerics",
+               "compiled_decode", "eager_noise")  # fmt: skip
 
 
 def load(name: str, layers: int, device: str, config: str):
@@ -185,6 +188,29 @@ def eager_numerics_options() -> dict:
     return opts
 
 
+# the graph's ops whose inductor code can round otherwise than eager's kernels: a reduction summed in another order,
+# transcendentals and division from another libdevice or approximated, silu written another way
+ATEN_NUMERICS_OPS = ("mean.dim", "sum.dim_IntList", "rsqrt.default", "silu.default", "sigmoid.default", "exp.default",
+                     "cos.default", "sin.default", "div.Tensor", "reciprocal.default")  # fmt: skip
+
+
+def force_aten_fallbacks(names=ATEN_NUMERICS_OPS) -> list[str]:
+    """Make inductor call ATen's own kernel for these ops (an extern call in the package) instead of generating
+    code, for the rest of this process: the eager kernels, so eager's rounding. Patches inductor's tables (its
+    private API; run this variant last)."""
+    from torch._inductor import decomposition, lowering
+
+    done = []
+    for name in names:
+        packet, overload = name.split(".")
+        op = getattr(getattr(torch.ops.aten, packet), overload)
+        for table in (decomposition.decompositions, decomposition.fast_random_decomps()):
+            table.pop(op, None)
+        lowering.make_fallback(op, warn=False, override_decomp=True)
+        done.append(name)
+    return done
+
+
 def decode_package(model, max_len: int, pt2: Path, program=None, options: dict | None = None) -> Path:
     """A `.pt2` holding the decode program alone (weights as `compile_package` stores them)."""
     spec, eps = export_programs(model, 1, max_len, programs=("decode",), program=program)
@@ -265,9 +291,12 @@ def check(model, tok, ids, max_len: int, steps: int, variants: list[str], out: P
             prefill, decode = prog, torch.compile(CacheProgram(model).eval(), fullgraph=True, dynamic=False)
         elif name == "eager_noise":
             prefill, decode = prog, prog
-        elif name in ("aoti_decode", "aoti_decode_layers", "aoti_decode_eager_numerics"):
+        elif name in ("aoti_decode", "aoti_decode_layers", "aoti_decode_eager_numerics", "aoti_decode_aten_numerics"):
             layered = LayerOutputs(model).eval() if name == "aoti_decode_layers" else None
-            options = eager_numerics_options() if name == "aoti_decode_eager_numerics" else None
+            options = eager_numerics_options() if name.endswith("_numerics") else None
+            if name == "aoti_decode_aten_numerics":
+                res["aten_fallbacks"] = force_aten_fallbacks()
+                options = {**options, "force_disable_caches": True}  # the patch is not in inductor's cache keys
             res.setdefault("inductor_options", {})[name] = options
             pt2 = decode_package(model, max_len, out / f"{name}.pt2", layered, options)
             runtime.preload_libstdcxx()
