@@ -256,7 +256,7 @@ def sanitize(pt2: Path) -> dict:
         t = time.perf_counter()
         try:
             p = subprocess.run([tool, "--tool", check, "--print-limit", "8", sys.executable, "-c", script],
-                               capture_output=True, text=True, timeout=420, env=env)  # fmt: skip
+                               capture_output=True, text=True, timeout=240, env=env)  # fmt: skip
             text = p.stdout + p.stderr
             summary = [ln for ln in text.splitlines() if "ERROR SUMMARY" in ln or "DECODED" in ln]
             res[check] = {"rc": p.returncode, "seconds": time.perf_counter() - t, "summary": summary,
