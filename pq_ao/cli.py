@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from pq_ao.numerics import NUMERICS
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_CHOICES = ("auto", *DTYPES)  # auto: bf16 on CUDA; fp32 on CPU (bf16 matmuls are slow on CPUs without AVX512-BF16)
 PPL_TASKS = ("wikitext2",)
@@ -239,6 +241,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     arg("--device", default="cpu", help="device to compile for (cpu or cuda; default cpu)"),
     arg("--dtype", choices=DTYPE_CHOICES, default="auto",
         help="activation dtype (default auto: bf16 on CUDA, fp32 on CPU)"),
+    arg("--numerics", choices=NUMERICS, default="inductor",
+        help="eager: compile with eager's rounding, for eager's greedy text (a few more launches; pq_ao.numerics)"),
 )  # fmt: skip
 def cmd_export(args: argparse.Namespace) -> int:
     """torch.export the quantized model's prefill and decode (int KV cache) and AOT-compile them into one .pt2."""
@@ -252,7 +256,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tokenizer = resolve_model(args.model, torch.float32, args.device)
     model.to(resolve_dtype(args.dtype, args.device))
-    path = compile_package(model, args.out, args.batch_size, args.max_len, tokenizer)
+    path = compile_package(model, args.out, args.batch_size, args.max_len, tokenizer, numerics=args.numerics)
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({size:.1f} MiB, {time.perf_counter() - start:.0f} s): prefill + decode, batch "
           f"{args.batch_size}, {args.max_len} cache slots, {args.device}")  # fmt: skip

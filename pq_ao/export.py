@@ -34,6 +34,7 @@ from torch import nn
 
 from pq_ao.hf_compat import cache_kwarg
 from pq_ao.nn.kv_cache import QuantizedKVCache
+from pq_ao.numerics import compiling
 
 PROGRAMS = ("prefill", "decode")
 # weights into data/weights/ of the archive, once, instead of into each program's .so (where torch has the option)
@@ -123,16 +124,18 @@ def compile_package(
     max_cache_len: int = 2048,
     tokenizer=None,
     weights_in_so: bool = False,
+    numerics: str = "inductor",
 ) -> Path:
     """Export both programs and AOT-compile them into the `.pt2` at `path` (see the module docstring); the
     tokenizer (default: the model's, from `pq_ao.load_model` / `load_quantized`) goes into the archive too.
-    `weights_in_so`: compile the weights into each program's `.so` instead (torch's default layout)."""
+    `weights_in_so`: compile the weights into each program's `.so` instead (torch's default layout).
+    `numerics="eager"`: compile with eager's rounding (`pq_ao.numerics`), so that greedy text is eager's."""
     from torch._inductor.package import package_aoti
 
     t = time.perf_counter()
     spec, eps = export_programs(model, batch_size, max_cache_len)
     log.info("exported %s in %.1f s", " and ".join(eps), time.perf_counter() - t)
-    files = {name: aot_compile_program(ep, name, spec, weights_in_so) for name, ep in eps.items()}
+    files = {name: aot_compile_program(ep, name, spec, weights_in_so, numerics=numerics) for name, ep in eps.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     package_aoti(str(path), files)
@@ -142,18 +145,19 @@ def compile_package(
     return path
 
 
-def aot_compile_program(ep, name: str, spec: dict, weights_in_so: bool = False, options: dict | None = None
-                        ) -> list[str]:
+def aot_compile_program(ep, name: str, spec: dict, weights_in_so: bool = False, options: dict | None = None,
+                        numerics: str = "inductor") -> list[str]:
     """AOT-compile one exported program (`export_programs`) into package files, `package_aoti`'s input, with the
-    spec and the program's name as its metadata; `options`: more inductor settings."""
+    spec, the program's name and the numerics as its metadata; `options`: more inductor settings."""
     t = time.perf_counter()
     # (no "aot_inductor.model_name_for_generated_files": with it the CPU programs computed wrong logits,
     # 9-12% off, on torch 2.13; package_aoti keeps the two programs' files apart by model name anyway)
-    meta = {"pq_ao": json.dumps(spec), "program": name}
+    meta = {"pq_ao": json.dumps(spec), "program": name, "numerics": numerics}
     weights = {} if weights_in_so else _weights_on_disk()
     options = {"aot_inductor.package": True, "aot_inductor.metadata": meta, **weights, **(options or {})}
     args, kwargs = ep.example_inputs
-    files = torch._inductor.aot_compile(_unguarded_module(ep), args, kwargs, options=options)
+    with compiling(numerics):
+        files = torch._inductor.aot_compile(_unguarded_module(ep), args, kwargs, options=options)
     log.info("AOT-compiled %s in %.1f s", name, time.perf_counter() - t)
     return files
 

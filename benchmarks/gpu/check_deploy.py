@@ -37,10 +37,11 @@ def _fresh(script: str) -> dict:
             "stderr": out.stderr[-1500:]}  # fmt: skip
 
 
-def run(model, tok, name: str, dtype_name: str, max_len: int, new_tokens: int, out: Path) -> dict:
+def run(model, tok, name: str, dtype_name: str, max_len: int, new_tokens: int, out: Path,
+        numerics: str = "inductor") -> dict:
     """Eager int4-cache generation vs the AOTI package in fresh processes, for a quantized CUDA model."""
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    row = {"model": name, "dtype": dtype_name, "device": torch.cuda.get_device_name()}
+    row = {"model": name, "dtype": dtype_name, "device": torch.cuda.get_device_name(), "numerics": numerics}
     model.to(dtype)
     ids = tok(PROMPT, add_special_tokens=False, return_tensors="pt").input_ids.cuda()
     with torch.no_grad():
@@ -50,7 +51,7 @@ def run(model, tok, name: str, dtype_name: str, max_len: int, new_tokens: int, o
     eager = eager[:, : ids.shape[1] + new_tokens].cpu()
     row["eager_text"] = tok.decode(eager[0, ids.shape[1] :])
     t = time.perf_counter()
-    pt2 = compile_package(model, out / f"{Path(name).stem}_{dtype_name}.pt2", 1, max_len, tok)
+    pt2 = compile_package(model, out / f"{Path(name).stem}_{dtype_name}.pt2", 1, max_len, tok, numerics=numerics)
     row["aoti_compile_s"] = time.perf_counter() - t
     row["package_mib"] = pt2.stat().st_size / 2**20
     torch.save((ids.cpu(), eager), out / "io.pt")
@@ -92,6 +93,7 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--calib", default='{"n_samples": 16, "grid_samples": 1}', help="config overrides (JSON)")
+    p.add_argument("--numerics", default="inductor", help="compile_package's numerics: inductor or eager")
     p.add_argument("--out", type=Path, default=Path("."))
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -100,7 +102,7 @@ def main() -> None:
         t = time.perf_counter()
         pq_ao.quantize_(model, preset(args.config, **json.loads(args.calib)), tokenizer=tok)
         row = {"quantize_s": time.perf_counter() - t,
-               **run(model, tok, args.model, dtype_name, args.max_len, args.new_tokens, args.out)}
+               **run(model, tok, args.model, dtype_name, args.max_len, args.new_tokens, args.out, args.numerics)}
         print(json.dumps(row, indent=1))
 
 

@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--skip", default="", help="comma-separated: ppl, deploy")
+    p.add_argument("--numerics", default="inductor", help="compile_package's numerics: inductor or eager")
     args = p.parse_args()
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("pq_ao").setLevel(logging.INFO)
@@ -59,7 +60,7 @@ def main() -> None:
 
         with StackSampler(out=args.out / "check_smollm2_stacks.txt"):  # where the export's host time goes
             row["deploy"] = check_deploy.run(model, tok, "smollm2-135m", "fp32", max_len=256, new_tokens=32,
-                                             out=args.out)  # fmt: skip
+                                             out=args.out, numerics=args.numerics)  # fmt: skip
         row["deploy"]["mutation_analyses"] = mutation_memo.counts()
         print(json.dumps(row["deploy"], indent=1), flush=True)
     print(json.dumps(row, indent=1))

@@ -12,11 +12,10 @@ Variants (`--variants`):
   fresh process without the CUDA caching allocator, so that an access outside a buffer is outside an allocation;
 - `aoti_decode_layers`: the same for a decode program that also returns every decoder layer's output at the last
   position, compared layer by layer (the first layer that departs; its graph differs, so it may not reproduce);
-- `aoti_decode_eager_numerics`: `aoti_decode` compiled with the inductor settings that bring its arithmetic
-  closer to eager's (`eager_numerics_options`);
-- `aoti_decode_aten_numerics` (last: it patches inductor for the rest of the process): those settings, and the
-  ops that can still round otherwise (`ATEN_NUMERICS_OPS`: the RMSNorm mean, rsqrt, silu, RoPE's cos / sin,
-  division) called as ATen's own kernels, the ones eager runs;
+- `aoti_decode_eager_numerics`: `aoti_decode` compiled with torch's own eager-parity switches alone
+  (`pq_ao.numerics.inductor_options`);
+- `aoti_decode_aten_numerics`: `aoti_decode` with `numerics="eager"` (`pq_ao.numerics`: those switches, and ATen's
+  own kernels for the ops that can still round otherwise);
 - `compiled_decode`: `torch.compile` of the decode program alone (inductor without AOTI);
 - `eager_noise`: eager with every layer's output perturbed by a relative 1e-6 (`text_sensitivity.LayerNoise`),
   the noise floor: how far a correct implementation with other rounding goes.
@@ -49,7 +48,7 @@ import torch
 from torch._inductor.package import package_aoti
 
 import pq_ao
-from pq_ao import runtime
+from pq_ao import numerics, runtime
 from pq_ao.config import preset
 from pq_ao.export import (
     CacheProgram,
@@ -174,47 +173,12 @@ def keep_wrappers(pt2: Path, out: Path, tag: str) -> None:
                 (out / f"{tag}_{program}.wrapper.cpp").write_bytes(z.read(name))
 
 
-def eager_numerics_options() -> dict:
-    """Inductor settings, those this torch has, that bring its arithmetic closer to eager's: no FMA contraction and
-    eager's casts (`emulate_precision_casts`), IEEE division and the CUDA toolkit's libdevice (`eager_numerics`)."""
-    cfg = torch._inductor.config
-    opts = {"emulate_precision_casts": True} if hasattr(cfg, "emulate_precision_casts") else {}
-    if hasattr(cfg, "emulate_divison_rounding"):  # sic: the name before torch moved it into eager_numerics
-        opts["emulate_divison_rounding"] = True
-    numerics = getattr(cfg, "eager_numerics", None)
-    for key in ("division_rounding", "use_pytorch_libdevice"):
-        if numerics is not None and hasattr(numerics, key):
-            opts[f"eager_numerics.{key}"] = True
-    return opts
-
-
-# the graph's ops whose inductor code can round otherwise than eager's kernels: a reduction summed in another order,
-# transcendentals and division from another libdevice or approximated, silu written another way
-ATEN_NUMERICS_OPS = ("mean.dim", "sum.dim_IntList", "rsqrt.default", "silu.default", "sigmoid.default", "exp.default",
-                     "cos.default", "sin.default", "div.Tensor", "reciprocal.default")  # fmt: skip
-
-
-def force_aten_fallbacks(names=ATEN_NUMERICS_OPS) -> list[str]:
-    """Make inductor call ATen's own kernel for these ops (an extern call in the package) instead of generating
-    code, for the rest of this process: the eager kernels, so eager's rounding. Patches inductor's tables (its
-    private API; run this variant last)."""
-    from torch._inductor import decomposition, lowering
-
-    done = []
-    for name in names:
-        packet, overload = name.split(".")
-        op = getattr(getattr(torch.ops.aten, packet), overload)
-        for table in (decomposition.decompositions, decomposition.fast_random_decomps()):
-            table.pop(op, None)
-        lowering.make_fallback(op, warn=False, override_decomp=True)
-        done.append(name)
-    return done
-
-
-def decode_package(model, max_len: int, pt2: Path, program=None, options: dict | None = None) -> Path:
+def decode_package(model, max_len: int, pt2: Path, program=None, options: dict | None = None,
+                   numerics: str = "inductor") -> Path:
     """A `.pt2` holding the decode program alone (weights as `compile_package` stores them)."""
     spec, eps = export_programs(model, 1, max_len, programs=("decode",), program=program)
-    package_aoti(str(pt2), {"decode": aot_compile_program(eps["decode"], "decode", spec, options=options)})
+    files = aot_compile_program(eps["decode"], "decode", spec, options=options, numerics=numerics)
+    package_aoti(str(pt2), {"decode": files})
     return pt2
 
 
@@ -293,12 +257,10 @@ def check(model, tok, ids, max_len: int, steps: int, variants: list[str], out: P
             prefill, decode = prog, prog
         elif name in ("aoti_decode", "aoti_decode_layers", "aoti_decode_eager_numerics", "aoti_decode_aten_numerics"):
             layered = LayerOutputs(model).eval() if name == "aoti_decode_layers" else None
-            options = eager_numerics_options() if name.endswith("_numerics") else None
-            if name == "aoti_decode_aten_numerics":
-                res["aten_fallbacks"] = force_aten_fallbacks()
-                options = {**options, "force_disable_caches": True}  # the patch is not in inductor's cache keys
-            res.setdefault("inductor_options", {})[name] = options
-            pt2 = decode_package(model, max_len, out / f"{name}.pt2", layered, options)
+            options = numerics.inductor_options() if name == "aoti_decode_eager_numerics" else None
+            mode = "eager" if name == "aoti_decode_aten_numerics" else "inductor"
+            res.setdefault("inductor_options", {})[name] = {"options": options, "numerics": mode}
+            pt2 = decode_package(model, max_len, out / f"{name}.pt2", layered, options, mode)
             runtime.preload_libstdcxx()
             prefill, decode = prog, runtime.load_programs(pt2)["decode"]
             if layered is not None and eager_layers is None:
