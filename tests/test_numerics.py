@@ -35,20 +35,30 @@ def test_unknown_numerics_is_refused():
         numerics.compiling("fast")
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="no GPU")])]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @torch.no_grad()
-def test_eager_numerics_decode_package_is_bitwise_eager(tmp_path):
-    model, tok = pq_ao.load_model("stories260k", dtype=torch.float32)
+def test_eager_numerics_decode_package_is_bitwise_eager(device, tmp_path):
+    """On CUDA the eager side runs pq_ao's Triton kernels and ATen's CUDA kernels, the package the same Triton
+    kernels, ATen's kernels for the fallbacks and inductor's code for the rest."""
+    model, tok = pq_ao.load_model("stories260k", dtype=torch.float32, device=device)
     pq_ao.quantize_(model, preset("w4a4kv4", n_samples=4, seqlen=128, grid_samples=1, grid_seqlen=128),
                     tokenizer=tok)  # fmt: skip
     spec, eps = export_programs(model, 1, MAX_LEN, programs=("decode",))
+    assert spec["device"] == device
     pt2 = tmp_path / "decode.pt2"
     package_aoti(str(pt2), {"decode": aot_compile_program(eps["decode"], "decode", spec, numerics="eager")})
+    runtime.preload_libstdcxx()  # what runtime.load does first (the GPU box needs it)
     decode = runtime.load_programs(pt2)["decode"]
     assert decode.get_metadata()["numerics"] == "eager"
     eager = CacheProgram(model).eval()
     ids = tok("Once upon a time there was a little", add_special_tokens=False, return_tensors="pt").input_ids
-    _, length, *kv = example_inputs(spec, 2, "cpu")
-    _, length_ref, *kv_ref = example_inputs(spec, 2, "cpu")
+    ids = ids.to(device)
+    _, length, *kv = example_inputs(spec, 2, device)
+    _, length_ref, *kv_ref = example_inputs(spec, 2, device)
     logits, logits_ref = eager(ids, length, *kv), eager(ids, length_ref, *kv_ref)
     for _ in range(12):
         nxt = logits_ref.argmax(-1, keepdim=True)
