@@ -57,7 +57,8 @@ def eager_numerics(names=FALLBACK_OPS):
     from torch._inductor import decomposition, lowering
 
     ops = _ops(names)
-    tables = [decomposition.decompositions, decomposition.fast_random_decomps()]
+    fast = getattr(decomposition, "fast_random_decomps", None)  # the table select_decomp_table() returns
+    tables = [decomposition.decompositions] + ([fast()] if fast is not None else [])
     saved_decomps = [{op: t[op] for op in ops if op in t} for t in tables]
     saved_lowerings = {op: lowering.lowerings[op] for op in ops if op in lowering.lowerings}
     sets = (lowering.fallbacks, lowering.needs_realized_inputs)
