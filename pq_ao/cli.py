@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from pq_ao.numerics import DEFAULT as DEFAULT_NUMERICS
 from pq_ao.numerics import NUMERICS
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -241,8 +242,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     arg("--device", default="cpu", help="device to compile for (cpu or cuda; default cpu)"),
     arg("--dtype", choices=DTYPE_CHOICES, default="auto",
         help="activation dtype (default auto: bf16 on CUDA, fp32 on CPU)"),
-    arg("--numerics", choices=NUMERICS, default="inductor",
-        help="eager: compile with eager's rounding, for eager's greedy text (a few more launches; pq_ao.numerics)"),
+    arg("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS,
+        help="eager (default): compile with eager's rounding, so the package's greedy text is eager's; inductor: "
+             "inductor's own rounding, fewer launches (pq_ao.numerics)"),
 )  # fmt: skip
 def cmd_export(args: argparse.Namespace) -> int:
     """torch.export the quantized model's prefill and decode (int KV cache) and AOT-compile them into one .pt2."""

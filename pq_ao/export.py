@@ -34,6 +34,7 @@ from torch import nn
 
 from pq_ao.hf_compat import cache_kwarg
 from pq_ao.nn.kv_cache import QuantizedKVCache
+from pq_ao.numerics import DEFAULT as DEFAULT_NUMERICS
 from pq_ao.numerics import compiling
 
 PROGRAMS = ("prefill", "decode")
@@ -124,12 +125,13 @@ def compile_package(
     max_cache_len: int = 2048,
     tokenizer=None,
     weights_in_so: bool = False,
-    numerics: str = "inductor",
+    numerics: str = DEFAULT_NUMERICS,
 ) -> Path:
     """Export both programs and AOT-compile them into the `.pt2` at `path` (see the module docstring); the
     tokenizer (default: the model's, from `pq_ao.load_model` / `load_quantized`) goes into the archive too.
     `weights_in_so`: compile the weights into each program's `.so` instead (torch's default layout).
-    `numerics="eager"`: compile with eager's rounding (`pq_ao.numerics`), so that greedy text is eager's."""
+    `numerics`: "eager" (default) compiles with eager's rounding (`pq_ao.numerics`), so that the greedy text is
+    eager's; "inductor" with inductor's own (fewer launches, another rounding, so another text)."""
     from torch._inductor.package import package_aoti
 
     t = time.perf_counter()
@@ -146,7 +148,7 @@ def compile_package(
 
 
 def aot_compile_program(ep, name: str, spec: dict, weights_in_so: bool = False, options: dict | None = None,
-                        numerics: str = "inductor") -> list[str]:
+                        numerics: str = DEFAULT_NUMERICS) -> list[str]:
     """AOT-compile one exported program (`export_programs`) into package files, `package_aoti`'s input, with the
     spec, the program's name and the numerics as its metadata; `options`: more inductor settings."""
     t = time.perf_counter()

@@ -16,7 +16,9 @@ gathers, bit operations) rounds as eager does. pq_ao's own kernels are the same 
 
 Invariant: on exit inductor's lowering and decomposition tables are as they were; caches are off inside (the
 patched tables are not part of inductor's cache keys, so a cached graph of the other kind could be reused).
-Cost: a few more launches per layer (the fallbacks are not fused).
+Cost: a few more launches per layer (the fallbacks are not fused). `pq_ao.export` compiles this way by default
+(`DEFAULT`); `numerics="inductor"` is inductor's own arithmetic, as correct, with other rounding and so, for a
+static W4A4 model, another greedy text.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import contextlib
 
 import torch
 
-NUMERICS = ("inductor", "eager")
+NUMERICS = ("eager", "inductor")
+DEFAULT = "eager"  # a package is the model that was evaluated: its greedy text is eager's
 FALLBACK_OPS = ("mean.dim", "sum.dim_IntList", "rsqrt.default", "silu.default", "sigmoid.default", "exp.default",
                 "cos.default", "sin.default", "div.Tensor", "reciprocal.default")  # fmt: skip
 

@@ -121,6 +121,7 @@ def test_package_metadata_and_runtime_errors(package):
     assert spec["batch_size"] == 1 and spec["max_cache_len"] == MAX_LEN and spec["kv_bits"] == 4
     assert spec["kv_dtype"] == "uint8" and spec["kv_shape"][2] == MAX_LEN and spec["prefix_ids"]
     assert json.loads(json.dumps(spec)) == spec
+    assert pkg.prefill.get_metadata()["numerics"] == pkg.decode.get_metadata()["numerics"] == "eager"  # the default
     with pytest.raises(ValueError, match="batch size 1"):
         pkg.step(torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="exceed"):

@@ -24,6 +24,8 @@ from pq_ao.config import preset
 from pq_ao.export import compile_package
 from pq_ao.hf_compat import cache_kwarg
 from pq_ao.nn.kv_cache import QuantizedKVCache
+from pq_ao.numerics import DEFAULT as DEFAULT_NUMERICS
+from pq_ao.numerics import NUMERICS
 
 RUNTIME = Path(pq_ao.__file__).parent / "runtime.py"
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
@@ -38,7 +40,7 @@ def _fresh(script: str) -> dict:
 
 
 def run(model, tok, name: str, dtype_name: str, max_len: int, new_tokens: int, out: Path,
-        numerics: str = "inductor") -> dict:
+        numerics: str = DEFAULT_NUMERICS) -> dict:
     """Eager int4-cache generation vs the AOTI package in fresh processes, for a quantized CUDA model."""
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     row = {"model": name, "dtype": dtype_name, "device": torch.cuda.get_device_name(), "numerics": numerics}
@@ -93,7 +95,7 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--calib", default='{"n_samples": 16, "grid_samples": 1}', help="config overrides (JSON)")
-    p.add_argument("--numerics", default="inductor", help="compile_package's numerics: inductor or eager")
+    p.add_argument("--numerics", default=DEFAULT_NUMERICS, choices=NUMERICS, help="compile_package's numerics")
     p.add_argument("--out", type=Path, default=Path("."))
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -22,6 +22,8 @@ from stack_sampler import StackSampler  # noqa: E402
 
 import pq_ao  # noqa: E402
 from pq_ao.eval.perplexity import perplexity  # noqa: E402
+from pq_ao.numerics import DEFAULT as DEFAULT_NUMERICS  # noqa: E402
+from pq_ao.numerics import NUMERICS  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +32,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--skip", default="", help="comma-separated: ppl, deploy")
-    p.add_argument("--numerics", default="inductor", help="compile_package's numerics: inductor or eager")
+    p.add_argument("--numerics", default=DEFAULT_NUMERICS, choices=NUMERICS, help="compile_package's numerics")
     args = p.parse_args()
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("pq_ao").setLevel(logging.INFO)
