@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "gpu"))
 from debug_deploy import generate_tokens, load  # noqa: E402
 
 from pq_ao import runtime  # noqa: E402

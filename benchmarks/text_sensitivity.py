@@ -24,7 +24,7 @@ import pq_ao
 from pq_ao.hf_compat import cache_kwarg
 from pq_ao.nn.kv_cache import QuantizedKVCache
 
-PROMPT = "Once upon a time, in a small village by the sea, there lived"  # as benchmarks/gpu/check_deploy.py
+PROMPT = "Once upon a time, in a small village by the sea, there lived"  # as tools/gpu/check_deploy.py
 
 
 class LayerNoise:

@@ -1,5 +1,6 @@
 """pq_ao: PrefixQuant (static W4A4KV4 with prefixed outlier tokens) for torchao, torch.compile and AOTInductor."""
 
+from pq_ao import _torchao_import  # noqa: F401, I001  (first: torchao imported without its start-up noise)
 from pq_ao import kernels as _kernels  # noqa: F401  (registers the pq_ao:: ops)
 from pq_ao.api import QuantizationReport, quantize_
 from pq_ao.config import (

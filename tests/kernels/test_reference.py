@@ -160,8 +160,11 @@ def test_int_linear_past_fp32_integers(a_bits, w_bits, k):
     xq, wq = near_qmin((16, k), a_bits), near_qmin((16, k), w_bits)
     one, ws = torch.ones(1), torch.ones(16)
     want = _expected(xq, one, wq, ws, None, torch.float32)
-    assert want.min() > 2**24
-    assert not torch.equal(xq.float() @ wq.float().T, want)  # a single fp32 GEMM gets this wrong
+    # The regime, on any machine: exact sums past 2**24, many of them not fp32 numbers, so a GEMM that accumulates
+    # in fp32 must round somewhere. (Whether this CPU's BLAS does is its own business: some accumulate wider.)
+    exact = xq.long() @ wq.long().T
+    assert exact.min() > 2**24
+    assert (exact.float().long() != exact).float().mean() > 0.3
     y = ref.int_linear(_store(xq, a_bits), one, _store(wq, w_bits), ws, None, a_bits, w_bits, torch.float32)
     assert torch.equal(y, want)
 

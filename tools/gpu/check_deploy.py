@@ -3,7 +3,7 @@ fresh processes with no LD_PRELOAD: (a) plain `torch._inductor.package.load_pack
 if the box still has it), (b) `pq_ao/runtime.py` loaded standalone (no pq_ao import) generating from the package;
 its tokens must equal the eager model's (int4 cache, greedy).
 
-    python3 benchmarks/gpu/check_deploy.py --model stories260k --dtype bf16 --out $OUT
+    python3 tools/gpu/check_deploy.py --model stories260k --dtype bf16 --out $OUT
 """
 
 from __future__ import annotations

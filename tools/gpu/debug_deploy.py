@@ -27,8 +27,8 @@ argmax still agrees. The static 4-bit grids make the greedy text itself depend o
 
 `--layers 30,12,6` (real models, descending) quantizes once and checks the first N layers for each N.
 
-    python3 benchmarks/gpu/debug_deploy.py --model stories260k --out $OUT
-    python3 benchmarks/gpu/debug_deploy.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --config defaults \\
+    python3 tools/gpu/debug_deploy.py --model stories260k --out $OUT
+    python3 tools/gpu/debug_deploy.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --config defaults \\
         --layers 30,12 --max-len 256 --variants aoti_decode,aoti_decode_layers --sanitize --out $OUT
 """
 
@@ -62,7 +62,7 @@ from pq_ao.hf_compat import cache_kwarg
 from pq_ao.kernels.triton import mutation_memo
 from pq_ao.nn.kv_cache import QuantizedKVCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from text_sensitivity import LayerNoise  # noqa: E402
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"

@@ -1,7 +1,7 @@
 """GPU check of the whole quantized model: quantize on CUDA (Triton kernels), then WikiText-2 perplexity of the
 same converted model on CUDA and on the CPU reference path; the two must agree within 0.5%.
 
-    python3 benchmarks/gpu/check_model.py --model stories260k --seqlen 256 --windows 16 --out $OUT
+    python3 tools/gpu/check_model.py --model stories260k --seqlen 256 --windows 16 --out $OUT
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 (1) WikiText-2 ppl through the Triton kernels vs the same model on the CPU reference path (must agree within 0.5%),
 (2) the deployment check of check_deploy.py on that model (AOTI .pt2, fresh process, no LD_PRELOAD).
 
-    python3 benchmarks/gpu/check_smollm2.py --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out $OUT
+    python3 tools/gpu/check_smollm2.py --gguf /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf --out $OUT
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import check_deploy  # noqa: E402
-from stack_sampler import StackSampler  # noqa: E402
 
 import pq_ao  # noqa: E402
 from pq_ao.eval.perplexity import perplexity  # noqa: E402
@@ -60,9 +59,8 @@ def main() -> None:
     if "deploy" not in args.skip:
         from pq_ao.kernels.triton import mutation_memo
 
-        with StackSampler(out=args.out / "check_smollm2_stacks.txt"):  # where the export's host time goes
-            row["deploy"] = check_deploy.run(model, tok, "smollm2-135m", "fp32", max_len=256, new_tokens=32,
-                                             out=args.out, numerics=args.numerics)  # fmt: skip
+        row["deploy"] = check_deploy.run(model, tok, "smollm2-135m", "fp32", max_len=256, new_tokens=32,
+                                         out=args.out, numerics=args.numerics)  # fmt: skip
         row["deploy"]["mutation_analyses"] = mutation_memo.counts()
         print(json.dumps(row["deploy"], indent=1), flush=True)
     print(json.dumps(row, indent=1))
