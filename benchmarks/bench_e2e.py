@@ -1,5 +1,5 @@
 """End-to-end speed of a Llama-3-8B-shaped model on the GPU: bf16 vs PrefixQuant static W4A4KV4 vs QuaRot-style
-dynamic W4A4KV4, all through the same `torch.compile` settings.
+dynamic W4A4KV4 vs torchao's fp8-row (the peer), all through the same `torch.compile` settings.
 
 The model has the real shapes (hidden 4096, MLP 14336, 32 layers, 32 query / 8 KV heads, vocab 128256) and HF's
 random initialisation in bf16 (speed does not depend on the values; nothing is timed on zeros). The quantized
@@ -58,6 +58,18 @@ def build_model(layers: int, shapes: dict):
     with torch.device(DEVICE):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     return model.eval()
+
+
+def torchao_fp8row(base):
+    """The peer a Hopper user picks today: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) on every
+    decoder linear (lm_head stays bf16, as in the other models)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    model = copy.deepcopy(base)
+    t = time.perf_counter()
+    quantize_(model.model.layers, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    sync()
+    return model, {"quantize_s": time.perf_counter() - t}
 
 
 def quantized(base, kind: str, calib_samples: int):
@@ -208,7 +220,7 @@ def bench_prefill(model, kind: str, profile: bool = False) -> dict:
             empty_cache()
             times.append(time_cuda(run, 1))
         ms = sorted(times)[len(times) // 2]
-        row = {"prefill_ms": ms, "prefill_tok_s": PREFILL / ms * 1e3, "compile_s": compile_s,
+        row = {"prefill_ms": ms, "prefill_ms_runs": times, "prefill_tok_s": PREFILL / ms * 1e3, "compile_s": compile_s,
                "activation_peak_gib": _peak(before), "mutation_analyses": memo_counts()}  # fmt: skip
         if profile:
             empty_cache()
@@ -244,7 +256,7 @@ def bench_decode(model, kind: str, batch: int, profile: bool = False) -> dict:
                 layer.cumulative_length.fill_(CONTEXT)
             times.append(time_cuda(steps, 1) / DECODE_STEPS)
         ms = sorted(times)[2]
-        row = {"decode_ms": ms, "decode_tok_s": batch / ms * 1e3, "compile_s": compile_s,
+        row = {"decode_ms": ms, "decode_ms_runs": times, "decode_tok_s": batch / ms * 1e3, "compile_s": compile_s,
                "activation_peak_gib": _peak(before), "mutation_analyses": memo_counts()}  # fmt: skip
         if profile:
             row["profile"] = profile_table(step)
@@ -259,7 +271,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=540)
-    p.add_argument("--models", default="static,bf16,dynamic")
+    p.add_argument("--models", default="static,bf16,dynamic", help="of: bf16, static, dynamic, fp8row (torchao)")
+    p.add_argument("--stages", default="prefill,decode_b1,decode_b16")
     p.add_argument("--profile", action="store_true", help="a profiler table of one call per stage")
     p.add_argument("--tiny", action="store_true", help="small shapes on the CPU: a smoke test of this script")
     p.add_argument("--lock", type=Path, help="a lock file shared by processes run side by side (see LOCK)")
@@ -278,7 +291,7 @@ def main() -> None:
     def save():
         args.json.write_text(json.dumps(result, indent=1))
 
-    stages = ["prefill", "decode_b1", "decode_b16"]
+    stages = args.stages.split(",")
     for kind in args.models.split(","):
         row = result["models"].setdefault(kind, {})
         if all(stage in row for stage in stages):
@@ -289,7 +302,7 @@ def main() -> None:
             break
         model = base
         if kind != "bf16":
-            model, info = quantized(base, kind, args.calib_samples)
+            model, info = torchao_fp8row(base) if kind == "fp8row" else quantized(base, kind, args.calib_samples)
             for k, v in info.items():
                 row.setdefault(k, v)  # a resumed run keeps the first (uncontended) quantization time
         row["weights_gib"] = model_bytes(model) / 2**30

@@ -171,7 +171,7 @@ def _ours(m, n, k, dev, a_bits, w_bits, quantize, cfg_for, dynamic=False):
                     return int_linear_with_config(q, s, wq, ws, None, a_bits, w_bits, torch.bfloat16, cfg)
             elif m == 1 and dp4a_supported(k, a_bits, w_bits):
                 def f(x=x, wq=wq, xs=xs):  # batch-1 decode: one kernel, quantization in the GEMV (pick_config)
-                    return tk.static_linear(x, xs, wq, ws, None, a_bits, w_bits, torch.bfloat16)
+                    return tk.static_linear(x, xs, None, wq, ws, None, a_bits, w_bits, torch.bfloat16)
             else:
                 def f(x=x, wq=wq, xs=xs):
                     q = tk.quantize_static(x, xs, a_bits)

@@ -83,7 +83,7 @@ def test_exported_programs_generate_like_eager(quantized):
     assert torch.equal(out, want)
     assert int(length) == ids.shape[1] + 12
     ops = {str(n.target) for n in eps["decode"].graph.nodes}
-    assert ops >= {"pq_ao.kv_attention.default", "pq_ao.int_linear.default"}
+    assert ops >= {"pq_ao.kv_attention.default", "pq_ao.static_linear.default"}
 
 
 def test_export_programs_by_name(quantized):
@@ -131,6 +131,42 @@ def test_package_metadata_and_runtime_errors(package):
 def test_export_cli_refuses_a_plain_model(tmp_path, capsys):
     assert cli.main(["export", "--model", "stories260k", "--out", str(tmp_path / "x.pt2")]) == 1
     assert "not a quantized model directory" in capsys.readouterr().err
+
+
+# SmolLM2-135M's shapes (tied embeddings, 9 query / 3 KV heads of 64, hidden 576 = 9 * 64: a non-power-of-2
+# Hadamard), 2 layers of random weights: the plumbing of the real model's test below in a fraction of its time.
+SMOLLM2_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                      head_dim=64, vocab_size=2048, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                      rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=2048)  # fmt: skip
+
+
+def test_smollm2_shaped_int4_cache_save_load_and_package(tmp_path):
+    """SmolLM2-shaped, 2 layers, a prefix of several tokens (a low outlier threshold on random weights): int4-cache
+    generation equals HF-cache generation, save/load is bit-exact, and the .pt2 generates the eager tokens in a
+    fresh process without pq_ao. (A P > 1 prefix once reached the decode kernel as a non-contiguous constant.)"""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SMOLLM2_SHAPES, num_hidden_layers=2)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    calib = torch.randint(10, config.vocab_size, (4, 64), generator=gen)
+    report = pq_ao.quantize_(model, pq_ao.prefixquant_w4a4(calibration=calib, n_samples=4, seqlen=64,
+                                                           grid_search=False, eta=1.5, max_prefix_len=3))
+    assert len(report.prefix.prefix_ids) > 1
+    ids = torch.randint(10, config.vocab_size, (1, 7), generator=gen)
+    want = _eager_generate(model, ids, 8)
+    with torch.no_grad():
+        hf = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                            **{cache_kwarg(model): DynamicCache()})  # fmt: skip
+    assert torch.equal(want, hf)
+    pq_ao.save_quantized(model, tmp_path / "q")
+    loaded, _ = pq_ao.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, use_cache=False).logits, model(input_ids=ids, use_cache=False).logits)
+    pt2 = export.compile_package(loaded, tmp_path / "smollm2_shaped.pt2", 1, MAX_LEN)
+    _standalone_generate(pt2, ids, want, tmp_path)
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from pq_ao.kernels import cpu, reference
 
 __all__ = [
     "hadamard_transform", "quantize_static", "hadamard_quantize_static", "quantize_dynamic", "int_linear",
-    "kv_attention",
+    "static_linear", "kv_attention",
 ]
 
 
@@ -41,6 +41,7 @@ _triton_quantize_static = _launcher("quantize_static")
 _triton_hadamard_quantize_static = _launcher("hadamard_quantize_static")
 _triton_quantize_dynamic = _launcher("quantize_dynamic")
 _triton_int_linear = _launcher("int_linear")
+_triton_static_linear = _launcher("static_linear")
 _triton_kv_attention = _launcher("kv_attention")
 
 
@@ -91,9 +92,36 @@ def int_linear(
 ) -> torch.Tensor:
     if _on_cuda(xq) and _triton_int_linear is not None:
         return _triton_int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
+    return _cpu_int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
+
+
+def _cpu_int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype):
     if cpu.usable(xq, wq, a_bits, w_bits):
         return cpu.int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
     return reference.int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
+
+
+@torch.library.triton_op("pq_ao::static_linear", mutates_args=())
+def static_linear(
+    x: torch.Tensor,
+    x_scale: torch.Tensor,
+    had_k: Optional[torch.Tensor],
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    a_bits: int,
+    w_bits: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The linear of a static `IntxLinearWeight`: `int_linear(quantize_static(hadamard(x)), ...)` in one op, so
+    that each device can pick its path per shape (CUDA: `pq_ao.kernels.triton.linear`), with the same integers."""
+    if _on_cuda(x) and _triton_static_linear is not None:
+        return _triton_static_linear(x, x_scale, had_k, wq, w_scale, bias, a_bits, w_bits, out_dtype)
+    if had_k is not None:
+        xq = reference.hadamard_quantize_static(x, had_k, x_scale, a_bits)
+    else:
+        xq = reference.quantize_static(x, x_scale, a_bits)
+    return _cpu_int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
 
 
 @torch.library.triton_op("pq_ao::kv_attention", mutates_args=())
@@ -144,12 +172,29 @@ def _int_linear_setup(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
+def _bias_grad(ctx, grad, index: int, num_inputs: int) -> tuple:
+    """Gradients of a quantized linear's inputs: only the bias (input `index`) has one."""
+    grads = [None] * num_inputs
+    if ctx.needs_input_grad[index]:
+        grads[index] = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+    return tuple(grads)
+
+
 def _int_linear_backward(ctx, grad):
-    d_bias = grad.float().sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[4] else None
-    return None, None, None, None, d_bias, None, None, None
+    return _bias_grad(ctx, grad, 4, 8)
+
+
+def _static_linear_setup(ctx, inputs, output):
+    bias = inputs[5]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _static_linear_backward(ctx, grad):
+    return _bias_grad(ctx, grad, 5, 9)
 
 
 hadamard_transform.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
 int_linear.register_autograd(_int_linear_backward, setup_context=_int_linear_setup)
+static_linear.register_autograd(_static_linear_backward, setup_context=_static_linear_setup)
 for _op in (quantize_static, hadamard_quantize_static, quantize_dynamic, kv_attention):
     _op.register_autograd(_no_grads, setup_context=_save_num_inputs)

@@ -10,6 +10,8 @@ the model's `position_embeddings`) and adds, in this order after RoPE:
    Real tokens sit at positions P.. (see `PrefixPositions`); the HF cache never holds the prefix.
 4. With a `QuantizedKVCache`, the new tokens' K/V are stored as int4/int8 codes and attention reads them (decode:
    `pq_ao::kv_attention` on the codes; prefill: SDPA on the dequantized slots), with the same values as 2.
+5. Without a mask, queries over their own keys (a forward without cache, a prefill into an empty HF cache) take
+   SDPA's causal kernels with the prefix put in front (`_causal_with_prefix`).
 
 Invariant: with no prefix, no quantizers and `rotate_qk=False`, outputs equal the wrapped module's (same math).
 """
@@ -176,8 +178,7 @@ class PrefixAttention(nn.Module):
         if self.observer is not None:
             self.observer(self, q, k, v)
         if isinstance(cache, QuantizedKVCache):
-            out = self._attend_codes(q, k, v, cache, attention_mask)
-            return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1)), None
+            return self.o_proj(self._attend_codes(q, k, v, cache, attention_mask)), None
         if self.k_quant is not None:
             k = self.k_quant(k)
         if self.v_quant is not None:
@@ -191,7 +192,8 @@ class PrefixAttention(nn.Module):
     def _attend_codes(self, q, k, v, cache: QuantizedKVCache, attention_mask):
         """Write the new tokens' codes into the int cache, then attend over prefix + cache: decode (one query)
         through `pq_ao::kv_attention`, which reads the codes directly; prefill through SDPA on the dequantized
-        slots. The slot mask comes from HF (the cache is static: it covers all `max_cache_len` slots)."""
+        slots. The slot mask comes from HF (the cache is static: it covers all `max_cache_len` slots). Returns the
+        heads side by side, `[B, q_len, H * D]`."""
         k_codes, v_codes = cache.update(self.k_quant.codes(k), self.v_quant.codes(v), self.layer_idx)
         q_len, slots = q.shape[2], k_codes.shape[2]
         start = cache.layers[self.layer_idx].cumulative_length - q_len
@@ -200,15 +202,36 @@ class PrefixAttention(nn.Module):
             p = self.prefix_len
             pk = self.prefix_k if p else q.new_zeros(1, self.n_kv_heads, 0, self.head_dim)
             pv = self.prefix_v if p else pk
-            return torch.ops.pq_ao.kv_attention(q, k_codes, v_codes, self.k_quant.scale, self.v_quant.scale, pk, pv,
-                                                mask, self.scaling, self.k_quant.bits)  # fmt: skip
+            out = torch.ops.pq_ao.kv_attention(q, k_codes, v_codes, self.k_quant.scale, self.v_quant.scale, pk, pv,
+                                               mask, self.scaling, self.k_quant.bits)  # fmt: skip
+            return _merge_heads(out)
+        return _merge_heads(self._attend_slots(q, k_codes, v_codes, mask))
+
+    def _attend_slots(self, q, k_codes, v_codes, mask):
+        """Attention over the prefix and every cache slot (decoded), `mask` `[B, q_len, slots]` (True = visible)."""
         k_all, v_all = self.k_quant.decode(k_codes, q.dtype), self.v_quant.decode(v_codes, q.dtype)
         return self._attend(q, k_all, v_all, mask[:, None])
+
+    def _causal_with_prefix(self, q, k, v):
+        """Causal attention of q over its own k/v (same length) with the prefix visible to every query, through SDPA's
+        square causal mask (flash kernels): the P prefix keys go in front of k, and P zero queries in front of q,
+        whose outputs are dropped. Query i then sits at row P + i and sees keys 0 .. P + i: the prefix and k[:i+1]."""
+        bsz, _, q_len, d = q.shape
+        p = self.prefix_len
+        if p:
+            k = torch.cat([self.prefix_k.to(k.dtype).expand(bsz, -1, -1, -1), k], dim=2)
+            v = torch.cat([self.prefix_v.to(v.dtype).expand(bsz, -1, -1, -1), v], dim=2)
+            q = torch.cat([q.new_zeros(bsz, q.shape[1], p, d), q], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        return out[:, :, p:]
 
     def _attend(self, q, k, v, attention_mask):
         """softmax(Q [K_prefix; K]^T * scaling) [V_prefix; V] with the prefix visible to every query."""
         bsz, _, q_len, _ = q.shape
         kv_len = k.shape[2]
+        if attention_mask is None and q_len == kv_len and q_len > 1:
+            return self._causal_with_prefix(q, k, v)
         p = self.prefix_len
         if p:
             k = torch.cat([self.prefix_k.to(k.dtype).expand(bsz, -1, -1, -1), k], dim=2)
@@ -223,6 +246,12 @@ class PrefixAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, rotate_qk={self.rotate_qk}, prefix={self.prefix_len}"
+
+
+def _merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """`[B, H, T, D]` -> `[B, T, H * D]`."""
+    b, h, t, d = out.shape
+    return out.transpose(1, 2).reshape(b, t, h * d)
 
 
 def _extend_mask(mask, q_len: int, kv_len: int, prefix_len: int, device) -> torch.Tensor | None:

@@ -163,16 +163,15 @@ def _quantized_linear(x: torch.Tensor, w: IntxLinearWeight, bias: torch.Tensor |
         y = F.linear(x2, w.dequantize(x.dtype), bias)
     else:
         if w.act_mode == "static":
-            x_scale = w.act_scale
-            if w.had_k is not None:
-                xq = ops.hadamard_quantize_static(x2, w.had_k, x_scale, w.a_bits)
-            else:
-                xq = ops.quantize_static(x2, x_scale, w.a_bits)
+            # x detached: rounding has zero derivative (as with the separate quantize op, whose integer output
+            # ends the graph), so nothing upstream gets a gradient through here; the bias does
+            y = ops.static_linear(x2.detach(), w.act_scale, w.had_k, w.qdata, w.scale, bias, w.a_bits, w.w_bits,
+                                  x.dtype)
         else:
             if w.had_k is not None:
                 x2 = ops.hadamard_transform(x2, w.had_k)
             xq, x_scale = ops.quantize_dynamic(x2, w.a_bits, w.act_clip)
-        y = ops.int_linear(xq, x_scale, w.qdata, w.scale, bias, w.a_bits, w.w_bits, x.dtype)
+            y = ops.int_linear(xq, x_scale, w.qdata, w.scale, bias, w.a_bits, w.w_bits, x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -21,3 +21,39 @@ def test_set_prefix_stores_contiguous_copies():
     for buf, want in ((attn.prefix_k, k), (attn.prefix_v, v)):
         assert buf.is_contiguous() and torch.equal(buf, want) and buf.data_ptr() != want.data_ptr()
     assert attn.prefix_len == 3
+
+
+def _attention_with_prefix(p: int, heads: int = 4, kv_heads: int = 2, d: int = 16) -> PrefixAttention:
+    config = LlamaConfig(hidden_size=heads * d, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=d)
+    attn = PrefixAttention(LlamaAttention(config, layer_idx=0))
+    if p:
+        gen = torch.Generator().manual_seed(p)
+        attn.set_prefix(torch.randn(1, kv_heads, p, d, generator=gen) * 3, torch.randn(1, kv_heads, p, d, generator=gen))
+    return attn
+
+
+def _masked_reference(attn, q, k, v):
+    """softmax over [prefix; k] with the prefix visible to all and k causal, as an explicit fp64 computation."""
+    p, rep = attn.prefix_len, attn.n_heads // attn.n_kv_heads
+    if p:
+        k = torch.cat([attn.prefix_k.expand(q.shape[0], -1, -1, -1), k], 2)
+        v = torch.cat([attn.prefix_v.expand(q.shape[0], -1, -1, -1), v], 2)
+    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    t, kv = q.shape[2], k.shape[2]
+    keep = torch.ones(t, kv, dtype=torch.bool).tril(kv - t)
+    s = (q.double() @ k.transpose(-1, -2) * attn.scaling).masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def test_causal_with_prefix_is_prefix_plus_causal_attention():
+    """The fast prefill path (P zero queries and the P prefix keys in front, SDPA's square causal mask) computes
+    the prefix-visible causal attention, with and without GQA and a prefix."""
+    gen = torch.Generator().manual_seed(0)
+    for p, heads, kv_heads in ((3, 4, 2), (1, 4, 4), (0, 4, 2), (2, 1, 1)):
+        attn = _attention_with_prefix(p, heads, kv_heads)
+        q = torch.randn(2, heads, 9, 16, generator=gen)
+        k, v = torch.randn(2, kv_heads, 9, 16, generator=gen), torch.randn(2, kv_heads, 9, 16, generator=gen)
+        got = attn._causal_with_prefix(q, k, v)
+        want = _masked_reference(attn, q, k, v)
+        assert got.shape == (2, heads, 9, 16)
+        assert (got.double() - want).abs().max() < 1e-5, (p, heads, kv_heads)

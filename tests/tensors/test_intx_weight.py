@@ -228,7 +228,7 @@ def test_export_and_aoti_package_loads_without_pq_ao(tmp_path):
         want = m(x)
         ep = torch.export.export(m, (x,), strict=True)
         targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-        assert {"pq_ao.hadamard_quantize_static.default", "pq_ao.quantize_dynamic.default",
+        assert {"pq_ao.static_linear.default", "pq_ao.quantize_dynamic.default",
                 "pq_ao.int_linear.default"} <= targets
         assert torch.equal(ep.module()(x), want)
         package = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "m.pt2"))
@@ -244,3 +244,22 @@ def test_export_and_aoti_package_loads_without_pq_ao(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton kernels compiled by inductor)")
+@pytest.mark.parametrize("online_hadamard", [True, False])
+def test_compiled_static_linear_matches_eager_on_cuda(online_hadamard):
+    """Inductor once passed the Hadamard kernel's Python-float `inv_sqrt_n` as fp64 and the fused kernel failed to
+    compile (H200, 2026-12-01): a static W4A4 linear, with and without the online Hadamard, compiled == eager."""
+    from pq_ao.hadamard import hadamard_factor
+
+    gen = torch.Generator().manual_seed(3)
+    w, x = torch.randn(1536, 576, generator=gen).cuda(), torch.randn(4, 33, 576, generator=gen).cuda()
+    lin = torch.nn.Linear(576, 1536, bias=False, device="cuda")
+    had = hadamard_factor(576)[1] if online_hadamard else None
+    lin.weight = torch.nn.Parameter(IntxLinearWeight.from_float(w, 4, 4, "static", act_scale=0.05, had_k=had),
+                                    requires_grad=False)
+    torch.compiler.reset()
+    with torch.no_grad():
+        assert torch.equal(torch.compile(lin, fullgraph=True)(x), lin(x))

@@ -4,9 +4,11 @@ AOTInductor trace the kernels into their artifacts. Design and measurements: doc
 
 from . import mutation_memo
 from .attention import AttnConfig, kv_attention, kv_attention_with_config
-from .gemm import GemmConfig, int_linear, int_linear_with_config, pick_config, static_linear
-from .hadamard import hadamard_quantize_static, hadamard_transform
-from .quant import quantize_dynamic, quantize_static
+from .fp8_linear import e4m3_int4_linear, widen_int4_e4m3
+from .gemm import GemmConfig, int_linear, int_linear_with_config, pick_config
+from .hadamard import hadamard_quantize_static, hadamard_quantize_static_e4m3, hadamard_transform
+from .linear import static_linear
+from .quant import quantize_dynamic, quantize_static, quantize_static_e4m3
 
 mutation_memo.install()  # compile time: inductor's per-call-site mutation analysis, once per distinct launch
 
@@ -21,6 +23,10 @@ __all__ = [
     "AttnConfig",
     "int_linear_with_config",
     "static_linear",
+    "quantize_static_e4m3",
+    "hadamard_quantize_static_e4m3",
+    "widen_int4_e4m3",
+    "e4m3_int4_linear",
     "pick_config",
     "GemmConfig",
 ]

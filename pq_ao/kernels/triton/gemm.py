@@ -443,7 +443,7 @@ def int_linear(
     return int_linear_with_config(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype, None)
 
 
-def static_linear(
+def gemv_static_linear(
     x: torch.Tensor,
     x_scale: torch.Tensor,
     wq: torch.Tensor,

@@ -30,11 +30,12 @@ import triton.language as tl
 from pq_ao import hadamard as _had
 
 from ._common import cast_out, interpreting, next_pow2, pack_int4, qrange, quantize_values
-from .quant import quantize_static
+from .quant import quantize_static, quantize_static_e4m3
 
 MAX_C = 128
 
 MAX_A = 128
+
 
 # The reference (pq_ao.kernels.reference.hadamard_quantize_static) quantizes the fp32 transform, not the transform
 # rounded to x.dtype; the kernel follows it.
@@ -95,12 +96,33 @@ def _f32_dot_f32(a, b, A_EXACT: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _quantize_store(y, out_base, offs_c, mask, x_ptr, scale_ptr, out_ptr, QUANT: tl.constexpr, BITS: tl.constexpr,
+                    QMIN: tl.constexpr, QMAX: tl.constexpr, E4M3: tl.constexpr, ROUND_X: tl.constexpr,
+                    INTERP: tl.constexpr):
+    """Store the fp32 transform y: quantized (packed int4 / int8 / one e4m3 code per value), or cast to the output
+    dtype."""
+    C: tl.constexpr = offs_c.shape[0]
+    if QUANT:
+        if ROUND_X:
+            y = cast_out(y, x_ptr.dtype.element_ty, INTERP).to(tl.float32)
+        q = quantize_values(y, tl.load(scale_ptr), QMIN, QMAX)
+        if E4M3:
+            tl.store(out_base + offs_c[None, :], q.to(tl.float32).to(tl.float8e4nv), mask=mask)
+        elif BITS == 4:
+            tl.store(out_base + tl.arange(0, C // 2)[None, :], pack_int4(q), mask=mask)
+        else:
+            tl.store(out_base + offs_c[None, :], q.to(tl.int8), mask=mask)
+    else:
+        tl.store(out_base + offs_c[None, :], cast_out(y, out_ptr.dtype.element_ty, INTERP), mask=mask)
+
+
+@triton.jit
 def _hadamard_kernel(
     x_ptr, hk_ptr, scale_ptr, out_ptr, M, stride_xm, stride_om, inv_sqrt_n,
     KH: tl.constexpr, HAS_HK: tl.constexpr, HK_EXACT: tl.constexpr, P1: tl.constexpr, A: tl.constexpr, A_PAD: tl.constexpr,
     C: tl.constexpr, ROWS: tl.constexpr, X_BF16: tl.constexpr,
-    QUANT: tl.constexpr, BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, ROUND_X: tl.constexpr,
-    INTERP: tl.constexpr,
+    QUANT: tl.constexpr, BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, E4M3: tl.constexpr,
+    ROUND_X: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_c = tl.arange(0, C)
@@ -112,8 +134,8 @@ def _hadamard_kernel(
         rows = offs_r.to(tl.int64)[:, None]
         x = tl.load(x_ptr + rows * stride_xm + offs_c[None, :], mask=rmask, other=0.0)
         y = (_dot_f32_bf16(x, h_c, X_BF16, INTERP) * inv_sqrt_n).to(tl.float32)  # fp64 scalar under inductor
-        out_base = out_ptr + rows * stride_om
-        mask = rmask
+        _quantize_store(y, out_ptr + rows * stride_om, offs_c, rmask, x_ptr, scale_ptr, out_ptr,
+                        QUANT, BITS, QMIN, QMAX, E4M3, ROUND_X, INTERP)
     else:
         # one row per program, viewed as [A, C]: Y = M_A @ (X @ H_C), M_A = had_k (kron) H_P1
         row = pid.to(tl.int64)
@@ -129,18 +151,9 @@ def _hadamard_kernel(
             m_a = m_a * hk
         m_a = tl.where((i < A) & (j < A), m_a, 0.0)
         y = (_f32_dot_f32(m_a, z, HK_EXACT, INTERP) * inv_sqrt_n).to(tl.float32)
-        out_base = out_ptr + row * stride_om + offs_a[:, None] * (C // 2 if QUANT and BITS == 4 else C)
-        mask = amask
-    if QUANT:
-        if ROUND_X:
-            y = cast_out(y, x_ptr.dtype.element_ty, INTERP).to(tl.float32)
-        q = quantize_values(y, tl.load(scale_ptr), QMIN, QMAX)
-        if BITS == 4:
-            tl.store(out_base + tl.arange(0, C // 2)[None, :], pack_int4(q), mask=mask)
-        else:
-            tl.store(out_base + offs_c[None, :], q.to(tl.int8), mask=mask)
-    else:
-        tl.store(out_base + offs_c[None, :], cast_out(y, out_ptr.dtype.element_ty, INTERP), mask=mask)
+        OUT_C: tl.constexpr = C // 2 if QUANT and BITS == 4 and not E4M3 else C
+        _quantize_store(y, out_ptr + row * stride_om + offs_a[:, None] * OUT_C, offs_c, amask, x_ptr, scale_ptr,
+                        out_ptr, QUANT, BITS, QMIN, QMAX, E4M3, ROUND_X, INTERP)
 
 
 def _plan(n: int, had_k: torch.Tensor | None):
@@ -159,7 +172,7 @@ def _plan(n: int, had_k: torch.Tensor | None):
     return kh, p1, a, c, ok
 
 
-def _launch(x, had_k, scale, bits, quant: bool):
+def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False):
     n = x.shape[-1]
     kh, p1, a, c, ok = _plan(n, had_k)
     if not ok or x.dtype == torch.float64:
@@ -167,7 +180,8 @@ def _launch(x, had_k, scale, bits, quant: bool):
         if not quant:
             return _had.hadamard_transform(x, had_k)
         y = _had.hadamard_transform(x if x.dtype == torch.float64 else x.float(), had_k)
-        return quantize_static(y.to(x.dtype) if ROUND_TO_INPUT_DTYPE else y, scale, bits)
+        y = y.to(x.dtype) if ROUND_TO_INPUT_DTYPE else y
+        return quantize_static_e4m3(y, scale) if e4m3 else quantize_static(y, scale, bits)
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -176,7 +190,9 @@ def _launch(x, had_k, scale, bits, quant: bool):
         qmin, qmax = qrange(bits)
         if scale.dim() == 0:
             raise ValueError("scale must have shape [1] (0-d tensors break AOTInductor)")
-        if bits == 4:
+        if e4m3:
+            out = torch.empty((M, n), dtype=torch.float8_e4m3fn, device=x.device)
+        elif bits == 4:
             out = torch.empty((M, n // 2), dtype=torch.uint8, device=x.device)
         else:
             out = torch.empty((M, n), dtype=torch.int8, device=x.device)
@@ -201,7 +217,7 @@ def _launch(x, had_k, scale, bits, quant: bool):
         1.0 / math.sqrt(n),
         KH=kh, HAS_HK=has_hk, HK_EXACT=(not has_hk) or _had.has_true_hadamard(kh),
         P1=p1, A=a, A_PAD=a_pad, C=c, ROWS=rows, X_BF16=(x.dtype == torch.bfloat16),
-        QUANT=quant, BITS=bits, QMIN=qmin, QMAX=qmax, ROUND_X=ROUND_TO_INPUT_DTYPE,
+        QUANT=quant, BITS=bits, QMIN=qmin, QMAX=qmax, E4M3=e4m3, ROUND_X=ROUND_TO_INPUT_DTYPE,
         INTERP=interpreting(), num_warps=warps,
     )
     return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -215,3 +231,8 @@ def hadamard_transform(x: torch.Tensor, had_k: torch.Tensor | None) -> torch.Ten
 def hadamard_quantize_static(x: torch.Tensor, had_k: torch.Tensor | None, scale: torch.Tensor, bits: int):
     """`quantize_static(hadamard_transform(x, had_k), scale, bits)` in one pass."""
     return _launch(x, had_k, scale, bits, quant=True)
+
+
+def hadamard_quantize_static_e4m3(x: torch.Tensor, had_k: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    """`hadamard_quantize_static(x, had_k, scale, 4)` as one float8 e4m3 code per value, float8_e4m3fn [..., n]."""
+    return _launch(x, had_k, scale, 4, quant=True, e4m3=True)

@@ -19,9 +19,10 @@ from ._common import next_pow2, pack_int4, qrange, quantize_values
 @triton.jit
 def _quantize_static_kernel(
     x_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride_om,
-    BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, E4M3: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """E4M3: one float8 e4m3 code per value (4-bit grid values are exact in e4m3) instead of packed / int8."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -31,7 +32,9 @@ def _quantize_static_kernel(
     x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr)
     q = quantize_values(x, scale, QMIN, QMAX)
-    if BITS == 4:
+    if E4M3:
+        tl.store(out_ptr + rows * stride_om + offs_k[None, :], q.to(tl.float32).to(tl.float8e4nv), mask=mask)
+    elif BITS == 4:
         offs_p = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         pmask = (offs_m[:, None] < M) & (offs_p[None, :] < K // 2)
         tl.store(out_ptr + rows * stride_om + offs_p[None, :], pack_int4(q), mask=pmask)
@@ -73,17 +76,31 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
     """Static per-tensor quantization. x [..., K] float; scale [1] fp32.
 
     Returns int8 [..., K] (bits=8) or packed int4 uint8 [..., K // 2] (bits=4)."""
-    qmin, qmax = qrange(bits)
     _check_scale(scale, "scale")
     x2, out = _rows_and_output(x, bits)
+    _launch_static(x2, scale, out, bits, e4m3=False)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def quantize_static_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor 4-bit quantization to one float8 e4m3 code per value: x [..., K] float, scale [1] fp32 ->
+    float8_e4m3fn [..., K] holding the values -8..7 of `quantize_static(x, scale, 4)` (exact in e4m3)."""
+    _check_scale(scale, "scale")
+    x2 = _rows(x)
+    out = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    _launch_static(x2, scale, out, 4, e4m3=True)
+    return out.reshape(x.shape)
+
+
+def _launch_static(x2: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, bits: int, e4m3: bool) -> None:
+    qmin, qmax = qrange(bits)
     M, K = x2.shape
     block_m, block_k = _static_blocks(K, bits)
     grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
     torch.library.wrap_triton(_quantize_static_kernel)[grid](
         x2, scale, out, M, K, x2.stride(0), out.stride(0),
-        BITS=bits, QMIN=qmin, QMAX=qmax, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+        BITS=bits, QMIN=qmin, QMAX=qmax, E4M3=e4m3, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
     )
-    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 # ------------------------------------------------------------------------------------------------------------------

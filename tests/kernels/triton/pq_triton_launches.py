@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from pq_ao.hadamard import hadamard_factor
-from pq_ao.kernels.triton import attention, gemm, hadamard, quant
+from pq_ao.kernels.triton import attention, fp8_linear, gemm, hadamard, quant
 from pq_ao.kernels.triton.gemm import GemmConfig, gemv_config
 
 LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas", "maxnreg"}
@@ -66,13 +66,16 @@ def every_launch():
             for xs in (torch.tensor([0.1]), torch.rand(m, 1) + 0.05):
                 for bias in (None, torch.randn(n)):
                     gemm.int_linear_with_config(xq, xs, wq, ws, bias, a_bits, w_bits, torch.bfloat16, cfg)
-        gemm.static_linear(torch.randn(1, k), torch.tensor([0.1]), wq, ws, None, a_bits, w_bits, torch.bfloat16)
+        gemm.gemv_static_linear(torch.randn(1, k), torch.tensor([0.1]), wq, ws, None, a_bits, w_bits, torch.bfloat16)
     x = torch.randn(5, 576)
     had = hadamard_factor(576)[1]
     hadamard.hadamard_transform(x, had)
     hadamard.hadamard_transform(torch.randn(5, 512), None)
     hadamard.hadamard_quantize_static(x, had, torch.tensor([0.1]), 4)
     quant.quantize_static(x, torch.tensor([0.1]), 4)
+    quant.quantize_static_e4m3(x, torch.tensor([0.1]))
+    hadamard.hadamard_quantize_static_e4m3(torch.randn(600, 576), had, torch.tensor([0.1]))  # the row loop
+    fp8_linear.widen_int4_e4m3(_packed(48, 256, 4))
     quant.quantize_dynamic(x, 4)
     for bits in (4, 8):
         b, hq, hkv, s, d, p = 2, 8, 2, 3000, 64, 3

@@ -22,11 +22,11 @@ import torch
 from pq_triton_launches import LAUNCH_OPTIONS, every_launch, record_launches
 from triton.runtime.jit import JITFunction
 
-from pq_ao.kernels.triton import attention, gemm, hadamard, quant
+from pq_ao.kernels.triton import attention, fp8_linear, gemm, hadamard, quant
 from pq_ao.kernels.triton._common import interpreting
 from pq_ao.kernels.triton.offline import SM90
 
-MODULES = (attention, gemm, hadamard, quant)
+MODULES = (attention, fp8_linear, gemm, hadamard, quant)
 
 
 @pytest.fixture
@@ -38,7 +38,8 @@ def test_every_launch_passes_every_kernel_argument(launches):
     every_launch()
     kernels = {name for name, *_ in launches}
     assert {"_int_linear_kernel", "_int_gemv_kernel", "_hadamard_kernel", "_quantize_static_kernel",
-            "_quantize_dynamic_kernel", "_kv_attention_kernel", "_combine_kernel"} <= kernels, kernels  # fmt: skip
+            "_quantize_dynamic_kernel", "_kv_attention_kernel", "_combine_kernel",
+            "_widen_int4_e4m3_kernel"} <= kernels, kernels  # fmt: skip
     for name, passed, expected, *_ in launches:
         assert len(passed) == len(set(passed)), f"{name}: an argument passed twice: {passed}"
         assert set(passed) == set(expected), f"{name}: missing {set(expected) - set(passed)}"
@@ -61,7 +62,8 @@ def test_kernel_source_survives_inductor_quoting(module, name):
 
 
 _TRITON_DTYPE = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-                 torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}  # fmt: skip
+                 torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1",
+                 torch.float8_e4m3fn: "fp8e4nv"}  # fmt: skip
 
 
 def _inductor_signature(kernel, values: dict) -> tuple[dict, dict, dict]:

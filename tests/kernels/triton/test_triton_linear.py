@@ -142,7 +142,7 @@ def test_static_linear_matches_quantize_then_linear(device, shape, a_bits, w_bit
     # integers: unit weight scales, fp32 out, x_scale folded out by comparing to the reference with the same scale
     want = reference.int_linear(xq, x_scale, wq, ones, None, a_bits, w_bits, torch.float32)
     poison(device, m * n * 4)
-    got = tk.static_linear(x, x_scale, wq, ones, None, a_bits, w_bits, torch.float32)
+    got = tk.static_linear(x, x_scale, None, wq, ones, None, a_bits, w_bits, torch.float32)
     assert_one_rounding(got, want, f"static_linear W{w_bits}A{a_bits} {m}x{n}x{k}")
     acc_got = got.double() / float(x_scale)
     acc_want = want.double() / float(x_scale)
@@ -151,7 +151,7 @@ def test_static_linear_matches_quantize_then_linear(device, shape, a_bits, w_bit
     bias = torch.randn(n, generator=gen).to(device)
     ref32 = reference.int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, torch.float32)
     terms = reference.int_linear(xq, x_scale, wq, w_scale, None, a_bits, w_bits, torch.float32).abs() + bias.abs()
-    y = tk.static_linear(x, x_scale, wq, w_scale, bias, a_bits, w_bits, torch.bfloat16)
+    y = tk.static_linear(x, x_scale, None, wq, w_scale, bias, a_bits, w_bits, torch.bfloat16)
     assert y.shape == (m, n) and y.dtype == torch.bfloat16
     assert_one_rounding(y, ref32, f"static_linear W{w_bits}A{a_bits} {m}x{n}x{k} bf16", terms)
 
