@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def main() -> None:
     p.add_argument("--m", type=int, default=2048)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    from pq_ao.kernels.triton.offline import sm90_driver
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels" / "triton"))
+    from pq_triton_offline import sm90_driver  # the stand-in sm_90 driver of the tests
 
     with sm90_driver():
         rows = [trace(args.layers, args.m, memo) for memo in (False, True)]

@@ -19,6 +19,7 @@ from pq_ao.calibration.outliers import PrefixReport, find_prefix, top_median_rat
 from pq_ao.calibration.prefix_kv import install_prefix
 from pq_ao.calibration.sites import block_sites
 from pq_ao.config import PrefixQuantConfig
+from pq_ao.kernels import enable_compile_memo
 from pq_ao.passes import attach_attention, find_structure, fold_norms, rotate_model
 
 
@@ -135,6 +136,7 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
     lap("grid_search")
     t.pop("start"), t.pop("_last")
     report = QuantizationReport(config=config.to_dict(), prefix=prefix, blocks=plans, seconds=t)
+    enable_compile_memo()  # the model now runs our kernels: compiling it should not repeat their analysis
     model.pq_ao_config = config
     model.pq_ao_report = report
     return report

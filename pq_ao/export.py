@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from pq_ao.hf_compat import cache_kwarg
+from pq_ao.kernels import enable_compile_memo
 from pq_ao.nn.kv_cache import QuantizedKVCache
 from pq_ao.numerics import DEFAULT as DEFAULT_NUMERICS
 from pq_ao.numerics import compiling
@@ -104,6 +105,7 @@ def export_programs(model: nn.Module, batch_size: int = 1, max_cache_len: int = 
     if unknown or not programs:
         raise ValueError(f"programs must be a non-empty subset of {PROGRAMS}, got {programs}")
     model.eval()
+    enable_compile_memo()
     spec = cache_spec(model, batch_size, max_cache_len)
     device = next(model.parameters()).device
     program = program if program is not None else CacheProgram(model)
@@ -152,6 +154,7 @@ def aot_compile_program(ep, name: str, spec: dict, weights_in_so: bool = False, 
     """AOT-compile one exported program (`export_programs`) into package files, `package_aoti`'s input, with the
     spec, the program's name and the numerics as its metadata; `options`: more inductor settings."""
     t = time.perf_counter()
+    enable_compile_memo()
     # (no "aot_inductor.model_name_for_generated_files": with it the CPU programs computed wrong logits,
     # 9-12% off, on torch 2.13; package_aoti keeps the two programs' files apart by model name anyway)
     meta = {"pq_ao": json.dumps(spec), "program": name, "numerics": numerics}

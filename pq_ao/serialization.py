@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pq_ao.calibration.prefix_kv import attach_prefix_positions
+from pq_ao.kernels import enable_compile_memo
 from pq_ao.nn.attention import KVQuantizer, PrefixAttention
 from pq_ao.tensors import IntxLinearWeight
 
@@ -139,6 +140,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu"):
             cfg["calibration"] = "c4"  # token ids or texts were recorded by shape only
         model.pq_ao_config = PrefixQuantConfig(**cfg)
     model = model.to(device).eval()
+    enable_compile_memo()
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer

@@ -7,7 +7,11 @@ static W4A4 layer launches ~17 of our kernels, so a 32-layer graph pays for thou
 a `torch.compile`, against ~30 s for the bf16 model (H200, torch 2.11), and more for an AOTI export of prefill and
 decode.
 
-`install()` wraps torch's analysis function with a memo for the kernels of this package only. Invariant: the
+`enable()` wraps torch's analysis function with a memo for the kernels of this package only, from the moment our
+kernels can be compiled: a pq_ao model is built (`quantize_`) or loaded (`load_quantized`), or exported
+(`pq_ao.export`); `import pq_ao` alone patches nothing. `PQ_AO_MUTATION_MEMO=0` leaves torch's function alone. It
+can go once torch asks once per call site (pytorch/pytorch#193227): set `FIXED_IN` to that release and
+`enable()` stops installing it there. Invariant: the
 answer is a function of the kernel, its constexprs, its tensor dtypes and its scalar values, which is the key. The
 kernel is keyed by module, name and source, since inductor hands over a fresh copy of it per launch.
 Alignment (the one specialization left out of the key) changes how a store is vectorised, never which pointer it
@@ -18,12 +22,15 @@ wrapped and compiles are just slower (`tests/kernels/triton/test_mutation_memo.p
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 # The function's name across torch versions: 2.13 returns TensorAccesses, earlier versions a list of names.
 ANALYSES = ("identify_accessed_tensors", "identify_mutated_tensors")
 MAX_ENTRIES = 4096
+ENV = "PQ_AO_MUTATION_MEMO"  # "0": never install
+FIXED_IN: tuple[int, int] | None = None  # the first torch (major, minor) that analyses once per call site; unknown yet
 
 
 class _Uncacheable(Exception):
@@ -113,6 +120,21 @@ def counts() -> dict:
         for k, v in getattr(fn, "_pq_ao_counts", {}).items():
             total[k] = total.get(k, 0) + v
     return total
+
+
+def needed() -> bool:
+    """Whether to install the memo here: not switched off (`PQ_AO_MUTATION_MEMO=0`), and a torch that repeats the
+    analysis (every release up to 2.13 does; `FIXED_IN` marks the first that does not)."""
+    if os.environ.get(ENV, "1") == "0":
+        return False
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    return FIXED_IN is None or version < FIXED_IN
+
+
+def enable() -> list[str]:
+    """`install()` where `needed()`; the names wrapped (none otherwise). Called where our kernels start being
+    compiled: `quantize_`, `load_quantized`, `pq_ao.export`."""
+    return install() if needed() else []
 
 
 def install() -> list[str]:

@@ -20,11 +20,11 @@ import ast
 import pytest
 import torch
 from pq_triton_launches import LAUNCH_OPTIONS, every_launch, record_launches
+from pq_triton_offline import SM90
 from triton.runtime.jit import JITFunction
 
 from pq_ao.kernels.triton import attention, fp8_linear, gemm, hadamard, quant
 from pq_ao.kernels.triton._common import interpreting
-from pq_ao.kernels.triton.offline import SM90
 
 MODULES = (attention, fp8_linear, gemm, hadamard, quant)
 

@@ -13,10 +13,10 @@ import torch
 import triton
 import triton.language as tl
 from pq_triton_launches import LAUNCH_OPTIONS, every_launch, record_launches
+from pq_triton_offline import sm90_driver
 
 from pq_ao.kernels.triton import gemm, mutation_memo
 from pq_ao.kernels.triton._common import interpreting
-from pq_ao.kernels.triton.offline import sm90_driver
 
 twrap = pytest.importorskip("torch._higher_order_ops.triton_kernel_wrap")
 compiled_kernels = pytest.mark.skipif(interpreting(), reason="kernels decorated for the interpreter")
@@ -39,12 +39,43 @@ def _writes(result) -> set:
     return {dep.name for dep in result.read_writes.writes}
 
 
+def test_import_patches_nothing_until_enabled():
+    """`import pq_ao` leaves torch alone (a fresh process); `enable()` installs the memo on the function torch
+    calls, and `PQ_AO_MUTATION_MEMO=0` keeps it off."""
+    import subprocess
+    import sys
+
+    code = ("import pq_ao; from torch._higher_order_ops import triton_kernel_wrap as t; "
+            "from pq_ao.kernels.triton import mutation_memo as m; "
+            "print(sorted(n for n in m.ANALYSES if getattr(getattr(t, n, None), '_pq_ao_memo', None) is not None), "
+            "m.enable())")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    before, after = out.stdout.strip().split("] ")
+    assert before == "[" and after != "[]", out.stdout
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, mutation_memo.ENV: "0"})  # fmt: skip
+    assert off.stdout.strip() == "[] []", off.stdout + off.stderr
+
+
 def test_installed_where_torch_calls_it():
+    mutation_memo.install()
     assert _installed(), f"none of {mutation_memo.ANALYSES} in torch's triton_kernel_wrap: torch renamed it"
     assert mutation_memo.install() == _installed()  # idempotent: no second layer
 
 
+def test_enable_follows_the_switch_and_the_version_gate(monkeypatch):
+    monkeypatch.delenv(mutation_memo.ENV, raising=False)
+    assert mutation_memo.needed()
+    monkeypatch.setattr(mutation_memo, "FIXED_IN", (2, 0))  # a torch that analyses once: nothing to do
+    assert not mutation_memo.needed() and mutation_memo.enable() == []
+    monkeypatch.setattr(mutation_memo, "FIXED_IN", None)
+    monkeypatch.setenv(mutation_memo.ENV, "0")
+    assert not mutation_memo.needed()
+
+
 def test_uninstall_restores_torchs_function():
+    mutation_memo.install()
     names = _installed()
     wrapped = {n: getattr(twrap, n) for n in names}
     try:
