@@ -7,53 +7,30 @@ tokens -> prefix KV -> block-wise statistics, grid search and conversion. In pla
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from torchao.quantization import quantize_ as _torchao_quantize_
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from pq_ao.calibration.grid_search import BlockPlan, calibrate_blocks
-from pq_ao.calibration.outliers import PrefixReport, find_prefix, top_median_ratio
+from pq_ao.calibration.grid_search import calibrate_blocks
+from pq_ao.calibration.outliers import find_prefix, top_median_ratio
 from pq_ao.calibration.prefix_kv import install_prefix
 from pq_ao.calibration.sites import block_sites
 from pq_ao.config import PrefixQuantConfig
 from pq_ao.kernels import enable_compile_memo
 from pq_ao.passes import attach_attention, find_structure, fold_norms, rotate_model
+from pq_ao.state import PrefixQuantState, QuantizationReport, require_state, state_of
 
-
-@dataclass
-class QuantizationReport:
-    """What `quantize_` did: the config, the prefix found, per-block calibration results, wall times."""
-
-    config: dict
-    prefix: PrefixReport | None
-    blocks: list[BlockPlan] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def summary(self) -> str:
-        lines = [f"pq_ao {PrefixQuantConfig(**_restorable(self.config)).name}: {sum(self.seconds.values()):.1f} s"]
-        if self.prefix is not None:
-            lines.append("  " + self.prefix.summary())
-        if self.blocks:
-            worst = max(range(len(self.blocks)), key=lambda i: self.blocks[i].mse_after)
-            lines.append(f"  block-output MSE, worst block {worst}: {self.blocks[worst].mse_after:.3g}")
-        return "\n".join(lines)
-
-
-def _restorable(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in ("calibration",)}
+__all__ = ["PrefixQuantState", "QuantizationReport", "calibration_data", "prefixquant", "quantize_",
+           "resolve_tokenizer"]
 
 
 def resolve_tokenizer(model: nn.Module):
     """The tokenizer of a model from `pq_ao.load_model`, or of an HF model from its `name_or_path`."""
-    tok = getattr(model, "pq_ao_tokenizer", None)
-    if tok is not None:
-        return tok
+    state = state_of(model)
+    if state is not None and state.tokenizer is not None:
+        return state.tokenizer
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     if name:
         from transformers import AutoTokenizer
@@ -101,7 +78,12 @@ def _split_ids(ids: torch.Tensor, config: PrefixQuantConfig) -> tuple[torch.Tens
 
 @torch.no_grad()
 def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> QuantizationReport:
-    """Run the whole PrefixQuant pipeline on `model` in place; returns the report (also at `model.pq_ao_report`)."""
+    """Run the whole PrefixQuant pipeline on `model` in place; returns the report (also in the model's state,
+    `pq_ao.state.state_of(model).report`)."""
+    state = require_state(model)
+    if state.quantized:
+        raise ValueError(f"this model is already quantized by pq_ao ({state.config.name}): quantize the "
+                         "full-precision model (pq_ao.load_model) instead")
     t = {"start": time.perf_counter()}
 
     def lap(name: str) -> None:
@@ -137,8 +119,7 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
     t.pop("start"), t.pop("_last")
     report = QuantizationReport(config=config.to_dict(), prefix=prefix, blocks=plans, seconds=t)
     enable_compile_memo()  # the model now runs our kernels: compiling it should not repeat their analysis
-    model.pq_ao_config = config
-    model.pq_ao_report = report
+    state.config, state.report = config, report
     return report
 
 

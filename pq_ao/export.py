@@ -34,6 +34,7 @@ from torch import nn
 
 from pq_ao.hf_compat import cache_kwarg
 from pq_ao.kernels import enable_compile_memo
+from pq_ao.state import state_of
 from pq_ao.nn.kv_cache import QuantizedKVCache
 from pq_ao.numerics import DEFAULT as DEFAULT_NUMERICS
 from pq_ao.numerics import compiling
@@ -66,6 +67,7 @@ def cache_spec(model: nn.Module, batch_size: int, max_cache_len: int) -> dict:
     cache = QuantizedKVCache(model, max_cache_len)
     codes = cache.empty_codes(batch_size, max_cache_len, "meta")
     config = model.config
+    state = state_of(model)
     return {
         "format": FORMAT,
         "batch_size": batch_size,
@@ -75,9 +77,9 @@ def cache_spec(model: nn.Module, batch_size: int, max_cache_len: int) -> dict:
         "kv_dtype": str(codes.dtype).removeprefix("torch."),
         "kv_bits": cache.bits,
         "vocab_size": config.vocab_size,
-        "prefix_ids": list(getattr(model, "pq_ao_prefix_ids", []) or []),
+        "prefix_ids": list(state.prefix_ids) if state else [],
         "eos_token_ids": _as_list(getattr(model.generation_config, "eos_token_id", None) or config.eos_token_id),
-        "pq_ao": getattr(getattr(model, "pq_ao_config", None), "name", None),
+        "pq_ao": state.config.name if state and state.config else None,
         "device": next(model.parameters()).device.type,
     }
 
@@ -143,7 +145,7 @@ def compile_package(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     package_aoti(str(path), files)
-    tokenizer = tokenizer or getattr(model, "pq_ao_tokenizer", None)
+    tokenizer = tokenizer or getattr(state_of(model), "tokenizer", None)
     if tokenizer is not None:
         _add_tokenizer(path, tokenizer)
     return path

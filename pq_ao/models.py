@@ -1,8 +1,8 @@
 """Model resolution: names we ship or know, local HF directories, hub ids and GGUF files.
 
 `load_model(name_or_path) -> (model, tokenizer)` always returns a plain HF causal LM (never a GGUF-flagged one,
-which refuses `save_pretrained`), in eval mode, with `model.pq_ao_source` naming where it came from and
-`model.pq_ao_tokenizer` its tokenizer.
+which refuses `save_pretrained`), in eval mode, with the model's `PrefixQuantState` (`pq_ao.state`) recording where
+it came from and its tokenizer.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pq_ao.paths import shared_dir
+from pq_ao.state import require_state
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STORIES_ENV = "PQ_AO_STORIES260K"
@@ -131,6 +132,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.bfloat16, device: s
             f"nor a hub id (owner/name, online only). Known names: {known}"
         )
     model = model.to(device).eval()
-    model.pq_ao_source = str(name_or_path)
-    model.pq_ao_tokenizer = tok  # found again by quantize_ when no calibration ids are given
+    state = require_state(model)
+    state.source = str(name_or_path)
+    state.tokenizer = tok  # found again by quantize_ when no calibration ids are given
     return model, tok

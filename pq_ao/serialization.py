@@ -1,9 +1,11 @@
 """Save and load quantized models: safetensors + JSON, no pickle.
 
-A directory holds the HF `config.json` (as converted: untied embeddings), the tokenizer, `model.safetensors`
-(plain tensors; an `IntxLinearWeight` `<fqn>.weight` is stored as its inner tensors `<fqn>.weight.qdata`, `.scale`,
-`.act_scale`, `.had_k`, `.act_clip`; the prefix KV and K/V scales are ordinary buffers) and `pq_ao_config.json`
-(format version, the PrefixQuant config, prefix ids, rotation seeds, and per module how to rebuild it).
+A directory holds the HF `config.json` (as converted: untied embeddings; its `quantization_config` is the model's
+`PrefixQuantState`: the PrefixQuant config, prefix ids, rotation seeds, source and report), the tokenizer,
+`model.safetensors` (plain tensors; an `IntxLinearWeight` `<fqn>.weight` is stored as its inner tensors
+`<fqn>.weight.qdata`, `.scale`, `.act_scale`, `.had_k`, `.act_clip`; the prefix KV and K/V scales are ordinary
+buffers) and `pq_ao_config.json` (the format version, and per module how to rebuild it). Format 1 directories
+(the state in `pq_ao_config.json`) still load.
 
 Invariant: `load_quantized(save_quantized(m))` gives bit-identical logits.
 """
@@ -20,9 +22,11 @@ from torch import nn
 from pq_ao.calibration.prefix_kv import attach_prefix_positions
 from pq_ao.kernels import enable_compile_memo
 from pq_ao.nn.attention import KVQuantizer, PrefixAttention
+from pq_ao.state import PrefixQuantState, require_state
 from pq_ao.tensors import IntxLinearWeight
 
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 CONFIG_FILE = "pq_ao_config.json"
 WEIGHTS_FILE = "model.safetensors"
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16)}
@@ -61,28 +65,20 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
             tensors[key] = t.contiguous()
     if not linears:
         raise ValueError("the model has no IntxLinearWeight: quantize it with pq_ao.quantize_ first")
-    config = getattr(model, "pq_ao_config", None)
-    meta = {
-        "format": FORMAT,
-        "pq_ao": config.to_dict() if config is not None else None,
-        "prefix_ids": list(getattr(model, "pq_ao_prefix_ids", []) or []),
-        "rotation": getattr(model, "pq_ao_rotation", None),
-        "linears": linears,
-        "attention": attention,
-    }
+    state = require_state(model)
+    meta = {"format": FORMAT, "linears": linears, "attention": attention}
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt", "pq_ao_format": str(FORMAT)})
-    model.config.save_pretrained(path)
+    model.config.save_pretrained(path)  # with the state, as quantization_config
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-    tokenizer = tokenizer or getattr(model, "pq_ao_tokenizer", None)
+    tokenizer = tokenizer or state.tokenizer
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
 
 
-def _empty_model(path: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _empty_model(config):
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers: pay for a random init
@@ -102,10 +98,16 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu"):
     if not is_quantized_dir(path):
         raise FileNotFoundError(f"{path} holds no {CONFIG_FILE}: not a pq_ao quantized model directory")
     meta = json.loads((path / CONFIG_FILE).read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: pq_ao format {meta.get('format')} is not supported (this pq_ao reads {FORMAT})")
+    if meta.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{path}: pq_ao format {meta.get('format')} is not supported (this pq_ao reads "
+                         f"{READABLE_FORMATS})")
     tensors = load_file(str(path / WEIGHTS_FILE))
-    model = _empty_model(path)
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(path)
+    state = _saved_state(meta, getattr(hf_config, "quantization_config", None))
+    hf_config.quantization_config = state
+    model = _empty_model(hf_config)
     for name, spec in meta["attention"].items():
         attn = PrefixAttention.wrap(model.get_submodule(name), rotate_qk=spec["rotate_qk"])
         for kind in ("k_quant", "v_quant"):
@@ -129,16 +131,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu"):
     missing = [k for k in result.missing_keys if k not in quantized]
     if missing or result.unexpected_keys:
         raise ValueError(f"{path}: weights do not match the model (missing {missing}, unexpected {result.unexpected_keys})")
-    if meta["prefix_ids"]:
-        attach_prefix_positions(model, meta["prefix_ids"])
-    model.pq_ao_rotation = meta["rotation"]
-    if meta["pq_ao"] is not None:
-        from pq_ao.config import PrefixQuantConfig
-
-        cfg = dict(meta["pq_ao"])
-        if not isinstance(cfg.get("calibration"), str) or cfg["calibration"].startswith("<"):
-            cfg["calibration"] = "c4"  # token ids or texts were recorded by shape only
-        model.pq_ao_config = PrefixQuantConfig(**cfg)
+    if state.prefix_ids:
+        attach_prefix_positions(model, state.prefix_ids)
     model = model.to(device).eval()
     enable_compile_memo()
     tokenizer = None
@@ -146,5 +140,16 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu"):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model.pq_ao_tokenizer = tokenizer
+        state.tokenizer = tokenizer
     return model, tokenizer
+
+
+def _saved_state(meta: dict, quantization_config) -> PrefixQuantState:
+    """The state a directory records: `config.json`'s quantization_config (format 2), or the fields format 1 kept
+    in `pq_ao_config.json`."""
+    if meta["format"] >= 2:
+        if not isinstance(quantization_config, dict):
+            raise ValueError("config.json has no pq_ao quantization_config: the directory is incomplete")
+        return PrefixQuantState.from_dict(quantization_config)
+    return PrefixQuantState.from_dict({"quant_method": PrefixQuantState.QUANT_METHOD, "config": meta.get("pq_ao"),
+                                       "prefix_ids": meta.get("prefix_ids"), "rotation": meta.get("rotation")})

@@ -8,6 +8,7 @@ import torch
 import pq_ao
 from pq_ao import IntxLinearWeight, prefixquant_w4a4, prefixquant_w8a8, quarot_w4a4
 from pq_ao.nn.attention import PrefixAttention
+from pq_ao.state import state_of
 
 SMALL = dict(n_samples=8, seqlen=128, grid_samples=2, grid_seqlen=128)
 
@@ -131,7 +132,7 @@ def test_quarot_baseline_is_dynamic_without_prefix():
 
 def test_token_id_calibration_and_torchao_configs_pass_through():
     model, _ = pq_ao.load_model("stories260k", dtype=torch.float32)
-    del model.pq_ao_tokenizer
+    state_of(model).tokenizer = None
     model.name_or_path = ""
     model.config._name_or_path = ""
     with pytest.raises(ValueError, match="pass calibration token ids"):
@@ -144,7 +145,7 @@ def test_token_id_calibration_and_torchao_configs_pass_through():
 
     # with the prefix too: no tokenizer needed, the separator comes from the model config
     model, _ = pq_ao.load_model("stories260k", dtype=torch.float32)
-    del model.pq_ao_tokenizer
+    state_of(model).tokenizer = None
     model.name_or_path = model.config._name_or_path = ""
     report = pq_ao.quantize_(model, prefixquant_w4a4(calibration=_calib(), **{k: v for k, v in SMALL.items()
                                                                               if "samples" in k}))  # fmt: skip

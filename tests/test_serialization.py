@@ -6,6 +6,7 @@ import torch
 import pq_ao
 from pq_ao import prefixquant_w4a4
 from pq_ao.serialization import CONFIG_FILE
+from pq_ao.state import state_of
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,8 @@ def test_round_trip_is_bit_exact(saved):
         a = model(input_ids=ids, use_cache=False).logits
         b = loaded(input_ids=ids, use_cache=False).logits
     assert torch.equal(a, b)
-    assert tok is not None and loaded.pq_ao_prefix_ids == model.pq_ao_prefix_ids
-    assert loaded.pq_ao_rotation == json.loads(json.dumps(model.pq_ao_rotation))
+    assert tok is not None and state_of(loaded).prefix_ids == state_of(model).prefix_ids
+    assert state_of(loaded).rotation == json.loads(json.dumps(state_of(model).rotation))
     with pytest.raises(ValueError, match="BOS"):  # the guard comes back too
         loaded(input_ids=torch.tensor([[tok.bos_token_id, 5, 6]]))
 
@@ -58,3 +59,40 @@ def test_save_refuses_an_unquantized_model(tmp_path):
     model, _ = pq_ao.load_model("stories260k", dtype=torch.float32)
     with pytest.raises(ValueError, match="no IntxLinearWeight"):
         pq_ao.save_quantized(model, tmp_path / "x")
+
+
+def test_the_state_is_saved_and_loaded_as_a_whole(saved):
+    """config.json's quantization_config holds the model's PrefixQuantState (config, rotation, prefix ids, source,
+    report), and loading gives back an equal state."""
+    model, path = saved
+    on_disk = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert on_disk["quant_method"] == "pq_ao" and on_disk["prefix_ids"] == state_of(model).prefix_ids
+    assert on_disk["source"] == "stories260k" and on_disk["report"]["blocks"]
+    loaded, _ = pq_ao.load_quantized(path)
+    got, want = state_of(loaded), state_of(model)
+    assert got.config.name == want.config.name and got.config.seed == want.config.seed
+    assert got.report.to_dict() == json.loads(json.dumps(want.report.to_dict(), default=str)) | {
+        "prefix": got.report.to_dict()["prefix"]}  # JSON turns the outlier-count keys into strings and back
+    assert got.report.prefix.outlier_token_counts == want.report.prefix.outlier_token_counts
+    assert got.report.summary() == want.report.summary()
+
+
+def test_a_format_1_directory_still_loads(saved, tmp_path):
+    """Format 1 kept the state in pq_ao_config.json and none in config.json."""
+    import shutil
+
+    model, path = saved
+    old = tmp_path / "old"
+    shutil.copytree(path, old)
+    state = state_of(model)
+    meta = json.loads((old / CONFIG_FILE).read_text())
+    meta.update(format=1, pq_ao=state.config.to_dict(), prefix_ids=state.prefix_ids, rotation=state.rotation)
+    (old / CONFIG_FILE).write_text(json.dumps(meta))
+    config = json.loads((old / "config.json").read_text())
+    del config["quantization_config"]
+    (old / "config.json").write_text(json.dumps(config))
+    loaded, _ = pq_ao.load_quantized(old)
+    assert state_of(loaded).prefix_ids == state.prefix_ids and state_of(loaded).config.name == state.config.name
+    ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

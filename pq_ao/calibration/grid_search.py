@@ -34,7 +34,7 @@ from pq_ao.calibration.prefix_kv import decoder
 from pq_ao.calibration.sites import SITES, BlockSites
 from pq_ao.calibration.stats import ActStats, effective_input
 from pq_ao.hf_compat import without_cache
-from pq_ao.nn.attention import KVQuantizer
+from pq_ao.nn.attention import KVQuantizer, observe_qkv
 from pq_ao.passes.convert import quantize_linear, replace_child
 
 WEIGHT_GRID = [1.0 - i / 20 for i in range(10)]
@@ -160,16 +160,15 @@ class BlockCalibrator:
 
             return fn
 
-        def observer(_mod, q, k, v):
+        def keep(_attn, q, k, v):
             self.stats.observe_kv(bs.index, k, v)
             qkv.append((q.float(), k.float(), v.float()))
 
         handles = [bs.linears(site)[0].register_forward_pre_hook(hook(site)) for site in SITES]
-        bs.attn.observer = observer
         try:
-            y = _run(bs.block, x, kwargs, self.chunk)
+            with observe_qkv([bs.attn], keep):
+                y = _run(bs.block, x, kwargs, self.chunk)
         finally:
-            bs.attn.observer = None
             for h in handles:
                 h.remove()
         q, k, v = (torch.cat(t) for t in zip(*qkv))

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from pq_ao.hf_compat import cache_in
-from pq_ao.nn.attention import PrefixAttention, PrefixPositions
+from pq_ao.nn.attention import PrefixAttention, PrefixPositions, full_precision_kv, observe_qkv
+from pq_ao.state import require_state
 
 
 def decoder(model: nn.Module) -> nn.Module:
@@ -37,20 +38,12 @@ def build_prefix_kv(model: nn.Module, attns: list[PrefixAttention], prefix_ids: 
     """Run the (rotated, full-precision) model over the prefix at positions 0..P-1; return per-layer (K, V)."""
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def observer(mod, q, k, v):
-        captured[id(mod)] = (k.detach().clone(), v.detach().clone())
+    def keep(attn, q, k, v):
+        captured[id(attn)] = (k.detach().clone(), v.detach().clone())
 
-    saved = [(a.observer, a.k_quant, a.v_quant, a.prefix_k, a.prefix_v) for a in attns]
-    for a in attns:
-        a.observer, a.k_quant, a.v_quant = observer, None, None
-        a.set_prefix(None, None)
-    try:
-        device = next(model.parameters()).device
+    device = next(model.parameters()).device
+    with full_precision_kv(attns), observe_qkv(attns, keep):
         decoder(model)(input_ids=torch.tensor([prefix_ids], device=device), use_cache=False)
-    finally:
-        for a, (obs, kq, vq, pk, pv) in zip(attns, saved):
-            a.observer, a.k_quant, a.v_quant = obs, kq, vq
-            a.set_prefix(pk, pv)
     return [captured[id(a)] for a in attns]
 
 
@@ -69,8 +62,9 @@ def attach_prefix_positions(model: nn.Module, prefix_ids: list[int]) -> None:
     """Real tokens start at position len(prefix); inputs starting with the prefix's BOS are rejected."""
     owner, name = rotary_owner(model)
     setattr(owner, name, PrefixPositions(getattr(owner, name), len(prefix_ids)))
-    model.pq_ao_prefix_ids = list(prefix_ids)
-    model._pq_ao_bos_guard = model.register_forward_pre_hook(_bos_guard(prefix_ids[-1]), with_kwargs=True)
+    state = require_state(model)
+    state.prefix_ids = list(prefix_ids)
+    state.bos_guard = model.register_forward_pre_hook(_bos_guard(prefix_ids[-1]), with_kwargs=True)
 
 
 def _tracing() -> bool:
@@ -112,14 +106,14 @@ def _first_real_token(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Ten
 
 
 def remove_prefix(model: nn.Module, attns: list[PrefixAttention]) -> None:
-    guard = getattr(model, "_pq_ao_bos_guard", None)
-    if guard is not None:
-        guard.remove()
-        model._pq_ao_bos_guard = None
+    state = require_state(model)
+    if state.bos_guard is not None:
+        state.bos_guard.remove()
+        state.bos_guard = None
     for a in attns:
         a.set_prefix(None, None)
     owner, name = rotary_owner(model)
     rotary = getattr(owner, name)
     if isinstance(rotary, PrefixPositions):
         setattr(owner, name, rotary.rotary)
-    model.pq_ao_prefix_ids = []
+    state.prefix_ids = []

@@ -18,8 +18,9 @@ Invariant: with no prefix, no quantizers and `rotate_qk=False`, outputs equal th
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,42 @@ class KVQuantizer(nn.Module):
         return f"bits={self.bits}, mode={self.mode}"
 
 
+class QKVProbe(nn.Module):
+    """Identity on (q, k, v): the point where calibration observes the new tokens' Q, K, V (after RoPE and R3,
+    before K/V quantization), through forward hooks (`observe_qkv`)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        return q, k, v
+
+
+@contextlib.contextmanager
+def observe_qkv(attns: list["PrefixAttention"], fn: Callable) -> Iterator[None]:
+    """Within the block, `fn(attn, q, k, v)` sees every call of each attention module's new-token Q, K, V
+    `[B, H, T, D]`; the hooks are gone afterwards, whatever happens."""
+    handles = [a.qkv_probe.register_forward_hook(lambda _m, args, _out, a=a: fn(a, *args)) for a in attns]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def full_precision_kv(attns: list["PrefixAttention"]) -> Iterator[None]:
+    """Within the block, the attention modules run without K/V quantizers and without a prefix (the model as it
+    computes the prefix itself); both come back afterwards, whatever happens."""
+    saved = [(a.k_quant, a.v_quant, a.prefix_k, a.prefix_v) for a in attns]
+    for a in attns:
+        a.k_quant = a.v_quant = None
+        a.set_prefix(None, None)
+    try:
+        yield
+    finally:
+        for a, (kq, vq, pk, pv) in zip(attns, saved):
+            a.k_quant, a.v_quant = kq, vq
+            a.set_prefix(pk, pv)
+
+
 class PrefixAttention(nn.Module):
     """Drop-in replacement of an HF attention module; see the module docstring for what it adds."""
 
@@ -112,7 +149,7 @@ class PrefixAttention(nn.Module):
         self.v_quant: KVQuantizer | None = None
         self.register_buffer("prefix_k", None)
         self.register_buffer("prefix_v", None)
-        self.observer: Callable | None = None  # calibration: observer(module, q, k, v) on new tokens, pre-quant
+        self.qkv_probe = QKVProbe()  # calibration observes q, k, v here (`observe_qkv`)
 
     @classmethod
     def wrap(cls, attn: nn.Module, rotate_qk: bool = False) -> "PrefixAttention":
@@ -175,8 +212,8 @@ class PrefixAttention(nn.Module):
         q, k = self._rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         if self.rotate_qk:
             q, k = self._r3(q), self._r3(k)
-        if self.observer is not None:
-            self.observer(self, q, k, v)
+        if self.qkv_probe._forward_hooks:  # only while calibration observes (no module call otherwise)
+            self.qkv_probe(q, k, v)
         if isinstance(cache, QuantizedKVCache):
             return self.o_proj(self._attend_codes(q, k, v, cache, attention_mask)), None
         if self.k_quant is not None:

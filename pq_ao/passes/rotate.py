@@ -15,7 +15,8 @@ relative in fp32), with or without a KV cache.
 - R4, the intermediate-size Hadamard on down_proj's input: online in `HadamardLinear`, its inverse fused into
   the weight `W <- W H^T`.
 
-Weights are transformed in float32 (float64 ones in float64) and cast back. The seeds and sizes are recorded in `model.pq_ao_rotation`.
+Weights are transformed in float32 (float64 ones in float64) and cast back. The seeds and sizes are recorded in the
+model's state (`pq_ao.state`, `rotation`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pq_ao.nn.attention import PrefixAttention
 from pq_ao.nn.hadamard_linear import HadamardLinear
 from pq_ao.passes.fold_norms import fold_norms
 from pq_ao.passes.structure import ModelStructure, discover
+from pq_ao.state import require_state
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,8 +98,9 @@ def rotate_model(
 ) -> ModelStructure:
     """Fold norms (if not yet), fuse R1/R2, swap down_proj for `HadamardLinear` (R4) and attention for
     `PrefixAttention` (R3 when `online_r3`). In place; returns the structure."""
-    if getattr(model, "pq_ao_rotation", None):
-        raise ValueError(f"model is already rotated: {model.pq_ao_rotation}")
+    state = require_state(model)
+    if state.rotation:
+        raise ValueError(f"model is already rotated: {state.rotation}")
     s = fold_norms(model, structure or discover(model))
     b0 = s.block
     r1 = RandomHadamard.from_seed(s.hidden_size, seed)
@@ -118,7 +121,7 @@ def rotate_model(
     attach_attention(model, s, rotate_qk=online_r3)
 
     down = s.get(model, 0, b0.down_proj)
-    model.pq_ao_rotation = {
+    state.rotation = {
         "seed": seed,
         "r1": {"size": s.hidden_size, "K": hadamard_factor(s.hidden_size)[0], "seed": seed},
         "r2": {"size": b0.head_dim, "K": hadamard_factor(b0.head_dim)[0], "seed": seed + 1},

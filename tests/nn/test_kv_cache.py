@@ -8,6 +8,7 @@ import pq_ao
 from pq_ao import prefixquant_w4a4, prefixquant_w8a8, quarot_w4a4
 from pq_ao.hf_compat import cache_kwarg
 from pq_ao.nn.kv_cache import QuantizedKVCache
+from pq_ao.state import state_of
 
 SMALL = dict(n_samples=8, seqlen=128, grid_samples=1, grid_seqlen=128)
 
@@ -141,7 +142,7 @@ def test_float_writes_are_refused(w4a4):
 
 def test_a_leading_bos_is_refused_under_generate(w4a4):
     """generate passes a 4-D mask with a static cache; the BOS guard reads the first real token from it."""
-    ids = torch.cat([torch.tensor([[w4a4.pq_ao_prefix_ids[-1]]]), _ids(b=1, t=4, seed=8)], 1)
+    ids = torch.cat([torch.tensor([[state_of(w4a4).prefix_ids[-1]]]), _ids(b=1, t=4, seed=8)], 1)
     with pytest.raises(ValueError, match="BOS"):
         w4a4.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0,
                       **{cache_kwarg(w4a4): QuantizedKVCache(w4a4, max_cache_len=8)})  # fmt: skip

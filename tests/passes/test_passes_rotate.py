@@ -8,6 +8,7 @@ from pq_ao.hf_compat import cache_kwarg, output_cache
 from pq_ao.nn.attention import PrefixAttention
 from pq_ao.nn.hadamard_linear import HadamardLinear
 from pq_ao.passes import discover, rotate_model
+from pq_ao.state import state_of
 
 TINY = ("qwen2", "qwen3", "mistral", "llama_eager")  # tests/passes/conftest.py::make_tiny
 VOCAB = 96
@@ -58,7 +59,7 @@ def test_rotation_is_exact_tiny(tiny, kind):
         attn = rotated.get_submodule(f"{blk.block}.{blk.attn}")
         assert isinstance(attn, PrefixAttention) and attn.rotate_qk
         assert isinstance(rotated.get_submodule(f"{blk.block}.{blk.down_proj}"), HadamardLinear)
-    rot = rotated.pq_ao_rotation
+    rot = state_of(rotated).rotation
     assert rot["seed"] == 3 and rot["r1"]["size"] == model.config.hidden_size and rot["r2"]["seed"] == 4
     assert rot["r4"]["size"] == model.config.intermediate_size and rot["r3"]["online"]
 
@@ -67,7 +68,7 @@ def test_rotation_is_exact_stories(stories, stories_structure):
     model = stories[0]
     ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     rotated, _ = _check_equivalent(model, ids, structure=stories_structure)
-    assert rotated.pq_ao_rotation["r4"]["K"] == 172  # intermediate 172 = Williamson 172 * 2**0
+    assert state_of(rotated).rotation["r4"]["K"] == 172  # intermediate 172 = Williamson 172 * 2**0
 
 
 def test_rotation_uses_fallback_where_no_hadamard(tiny):
@@ -75,7 +76,7 @@ def test_rotation_uses_fallback_where_no_hadamard(tiny):
     assert not has_true_hadamard(90)
     ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(1))
     rotated, _ = _check_equivalent(model, ids)
-    assert rotated.pq_ao_rotation["r1"]["K"] == 45
+    assert state_of(rotated).rotation["r1"]["K"] == 45
 
 
 @pytest.mark.parametrize("r3, r4", [(False, False), (True, False), (False, True)])
@@ -103,5 +104,5 @@ def test_rotation_is_exact_smollm2():
     model, tok = load_model("smollm2-135m", dtype=torch.float32)
     ids = tok("The quick brown fox jumps over the lazy dog because", return_tensors="pt").input_ids
     rotated, s = _check_equivalent(model, ids, new_tokens=4)
-    assert rotated.pq_ao_rotation["r1"]["K"] == 36 and rotated.pq_ao_rotation["r4"]["K"] == 12
+    assert state_of(rotated).rotation["r1"]["K"] == 36 and state_of(rotated).rotation["r4"]["K"] == 12
     assert s.tied and rotated.lm_head.weight is not rotated.model.embed_tokens.weight

@@ -61,6 +61,7 @@ from pq_ao.export import (
 from pq_ao.hf_compat import cache_kwarg
 from pq_ao.kernels.triton import mutation_memo
 from pq_ao.nn.kv_cache import QuantizedKVCache
+from pq_ao.state import state_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from text_sensitivity import LayerNoise  # noqa: E402
@@ -320,7 +321,7 @@ def main() -> None:
         for n in layer_counts or [model.config.num_hidden_layers]:
             keep_layers(model, n)
             res = {"model": args.gguf or args.model, "layers": n, "config": args.config, "prompt_len": ids.shape[1],
-                   "prefix_ids": list(getattr(model, "pq_ao_prefix_ids", []) or []), "torch": torch.__version__,
+                   "prefix_ids": list(state_of(model).prefix_ids), "torch": torch.__version__,
                    "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
                    "runs": {}}  # fmt: skip
             path = args.out / f"debug_deploy_{name}_{n}l.json"
