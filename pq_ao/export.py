@@ -34,10 +34,10 @@ from torch import nn
 
 from pq_ao.hf_compat import cache_kwarg
 from pq_ao.kernels import enable_compile_memo
-from pq_ao.state import state_of
 from pq_ao.nn.kv_cache import QuantizedKVCache
 from pq_ao.numerics import DEFAULT as DEFAULT_NUMERICS
 from pq_ao.numerics import compiling
+from pq_ao.state import state_of
 
 PROGRAMS = ("prefill", "decode")
 # weights into data/weights/ of the archive, once, instead of into each program's .so (where torch has the option)
