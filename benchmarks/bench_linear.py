@@ -13,7 +13,6 @@ for exact integer results) and benchmarks with the winners. Writes linear_<devic
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -26,127 +25,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import act, ceilings, gen, log, rand_int8, rand_packed, randf, rotations, time_calls  # noqa: E402
 
 from pq_ao.kernels import reference  # noqa: E402
 from pq_ao.kernels import triton as tk  # noqa: E402
 from pq_ao.kernels.triton.gemm import (  # noqa: E402
-    GemmConfig, dp4a_supported, gemv_config, int_linear_with_config, pick_config, skinny_config)
+    GemmConfig,
+    dp4a_supported,
+    gemv_config,
+    int_linear_with_config,
+    pick_config,
+    skinny_config,
+)
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (N, K): qkv-ish/o, k/v, gate/up, down
 MS = [1, 4, 16, 64, 256, 1024, 2048, 4096, 8192]
-L2_BYTES = 50 * 2**20
 DATE = "2026-11-23"
-
-T0 = time.time()
-
-
-def log(*a):
-    print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# timing
-
-
-def rotations(bytes_per_call: int, cap: int = 16) -> int:
-    return int(min(cap, max(1, math.ceil(3 * L2_BYTES / max(1, bytes_per_call)))))
-
-
-def time_calls(calls, graph: bool = True) -> tuple[float, bool]:
-    """Median ms per call of a list of zero-arg callables (one per input set), replayed as one CUDA graph."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    if graph:
-        try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for c in calls:
-                    c()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for c in calls:
-                    c()
-            ms = do_bench(g.replay, warmup=20, rep=80, return_mode="median")
-            del g
-            return ms / len(calls), True
-        except Exception as e:  # noqa: BLE001
-            log("graph capture failed, timing eagerly:", type(e).__name__, str(e)[:200])
-            _GEN[0] = None
-            torch.cuda.synchronize()
-
-    def run_all():
-        for c in calls:
-            c()
-
-    return do_bench(run_all, warmup=20, rep=80, return_mode="median") / len(calls), False
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# data
-
-
-_GEN = [None]
-
-
-def gen():
-    """Data generator, replaced after a failed graph capture (which can leave the default CUDA RNG unusable)."""
-    if _GEN[0] is None:
-        _GEN[0] = torch.Generator(device="cuda").manual_seed(int(time.time()))
-    return _GEN[0]
-
-
-def rand_packed(rows, k, dev):
-    return torch.randint(0, 256, (rows, k // 2), dtype=torch.uint8, device=dev, generator=gen())
-
-
-def rand_int8(rows, k, dev, lo=-128, hi=128):
-    return torch.randint(lo, hi, (rows, k), dtype=torch.int8, device=dev, generator=gen())
-
-
-def act(m, k, dev):
-    return torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=gen())
-
-
-def randf(*shape, dev="cuda"):
-    return torch.rand(*shape, device=dev, generator=gen())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# ceilings
-
-
-def ceilings(dev):
-    out = {}
-    n = 2**28  # 1 GiB of fp32
-    a = torch.randn(n, device=dev)
-    b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a), warmup=20, rep=100, return_mode="median")
-    out["copy_TBps"] = 2 * a.numel() * 4 / ms / 1e9
-    del a, b
-    s = 8192
-    x = torch.randn(s, s, device=dev, dtype=torch.bfloat16)
-    y = torch.randn(s, s, device=dev, dtype=torch.bfloat16)
-    ms = do_bench(lambda: x @ y, warmup=20, rep=100, return_mode="median")
-    out["bf16_TFLOPs"] = 2 * s**3 / ms / 1e9
-    xi = torch.randint(-128, 128, (s, s), dtype=torch.int8, device=dev)
-    yi = torch.randint(-128, 128, (s, s), dtype=torch.int8, device=dev)
-    ms = do_bench(lambda: torch._int_mm(xi, yi.t()), warmup=20, rep=100, return_mode="median")
-    out["int8_int_mm_TOPs"] = 2 * s**3 / ms / 1e9
-    x8 = x.to(torch.float8_e4m3fn)
-    y8 = y.to(torch.float8_e4m3fn)
-    sa = randf(s, 1) + 0.5
-    sb = randf(1, s) + 0.5
-    ms = do_bench(lambda: torch._scaled_mm(x8, y8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16),
-                  warmup=20, rep=100, return_mode="median")
-    out["fp8_scaled_mm_TFLOPs"] = 2 * s**3 / ms / 1e9
-    return out
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # methods: each returns (list of callables over rotated inputs, bytes per call, note)

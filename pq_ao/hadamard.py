@@ -52,6 +52,13 @@ _WILLIAMSON = {
 }
 
 
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The arithmetic dtype of an offline weight transform (rotation, norm folding, R4 pre-multiplication): float32
+    for fp32/bf16/fp16 weights (a transform in fp32 is accurate to a few ulp, far below bf16 rounding and the 1e-4
+    equivalence bound), float64 when any operand is float64."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 def is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 

@@ -87,11 +87,6 @@ def _empty_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, module)
-
-
 def load_quantized(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild a model saved by `save_quantized`; returns `(model, tokenizer or None)`."""
     path = Path(path)
@@ -116,7 +111,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu"):
                 setattr(attn, kind, KVQuantizer(s["bits"], attn.n_kv_heads, s["mode"], s["clip"]))
         if spec["prefix_len"]:
             attn.set_prefix(tensors[f"{name}.prefix_k"], tensors[f"{name}.prefix_v"])
-        _set_child(model, name, attn)
+        model.set_submodule(name, attn)
     for name, spec in meta["linears"].items():
         key = f"{name}.weight"
         fields = {f: tensors.pop(f"{key}.{f}") for f in ("qdata", "scale", "act_scale", "had_k", "act_clip")

@@ -8,41 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness import copy_tbps, timed  # noqa: E402
 
 from pq_ao import hadamard  # noqa: E402
 from pq_ao.kernels import triton as tk  # noqa: E402
-
-L2 = 50 * 2**20
-
-
-def timed(make, bytes_per_call, graph=True):
-    r = int(min(16, max(1, math.ceil(3 * L2 / bytes_per_call))))
-    calls = [make() for _ in range(r)]
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    if not graph:
-        return do_bench(lambda: [c() for c in calls], warmup=20, rep=80, return_mode="median") / r
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    return do_bench(g.replay, warmup=20, rep=80, return_mode="median") / r
 
 
 def main():
@@ -50,10 +28,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     dev = "cuda"
-    a = torch.randn(2**28, device=dev)
-    b = torch.empty_like(a)
-    copy = 2 * a.numel() * 4 / do_bench(lambda: b.copy_(a), return_mode="median") / 1e9
-    del a, b
+    copy = copy_tbps(dev)
     rows = []
     print(f"copy {copy:.2f} TB/s; triton {triton.__version__}, torch {torch.__version__}")
     for k in (4096, 14336):
@@ -62,19 +37,19 @@ def main():
         for m in (1, 2048, 8192):
             s = torch.tensor([0.05], device=dev)
             cases = {
-                "quantize_static_int4": (lambda: (lambda x=torch.randn(m, k, device=dev, dtype=torch.bfloat16):
+                "quantize_static_int4": (lambda i: (lambda x=torch.randn(m, k, device=dev, dtype=torch.bfloat16):
                                                   tk.quantize_static(x, s, 4)), m * k * 2.5),
-                "quantize_static_int8": (lambda: (lambda x=torch.randn(m, k, device=dev, dtype=torch.bfloat16):
+                "quantize_static_int8": (lambda i: (lambda x=torch.randn(m, k, device=dev, dtype=torch.bfloat16):
                                                   tk.quantize_static(x, s, 8)), m * k * 3),
-                "quantize_dynamic_int4": (lambda: (lambda x=torch.randn(m, k, device=dev, dtype=torch.bfloat16):
+                "quantize_dynamic_int4": (lambda i: (lambda x=torch.randn(m, k, device=dev, dtype=torch.bfloat16):
                                                    tk.quantize_dynamic(x, 4)), m * k * 2.5 + m * 4),
-                "hadamard_quantize_int4": (lambda: (lambda x=torch.randn(m, k, device=dev, dtype=torch.bfloat16):
+                "hadamard_quantize_int4": (lambda i: (lambda x=torch.randn(m, k, device=dev, dtype=torch.bfloat16):
                                                     tk.hadamard_quantize_static(x, hk, s, 4)), m * k * 2.5),
-                "hadamard_bf16": (lambda: (lambda x=torch.randn(m, k, device=dev, dtype=torch.bfloat16):
+                "hadamard_bf16": (lambda i: (lambda x=torch.randn(m, k, device=dev, dtype=torch.bfloat16):
                                            tk.hadamard_transform(x, hk)), m * k * 4),
-                "torch_hadamard_fp32_ref": (lambda: (lambda x=torch.randn(m, k, device=dev, dtype=torch.bfloat16):
+                "torch_hadamard_fp32_ref": (lambda i: (lambda x=torch.randn(m, k, device=dev, dtype=torch.bfloat16):
                                                      hadamard.hadamard_transform(x, hk)), m * k * 4),
-                "torch_add_bf16_baseline": (lambda: (lambda x=torch.randn(m, k, device=dev, dtype=torch.bfloat16):
+                "torch_add_bf16_baseline": (lambda i: (lambda x=torch.randn(m, k, device=dev, dtype=torch.bfloat16):
                                                      x.add_(1.0)), m * k * 4),
             }
             for name, (make, nbytes) in cases.items():

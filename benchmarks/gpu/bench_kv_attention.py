@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -25,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness import copy_tbps, timed  # noqa: E402
 
 from pq_ao import quant_math  # noqa: E402
 from pq_ao.kernels import reference  # noqa: E402
@@ -33,7 +35,6 @@ from pq_ao.kernels.triton.attention import AttnConfig, pick_block_s, pick_splits
 
 HQ, HKV, D, P = 32, 8, 128, 4
 BATCHES, LENGTHS = (1, 16), (2048, 8192)
-L2 = 60 * 2**20  # H200 (H100: 50 MB)
 SWEEP = [AttnConfig(block_s=bs, num_warps=w, num_stages=st, skip_masked=sk)
          for bs, w, st, sk in ((64, 4, 3, False), (64, 4, 2, False), (128, 4, 3, False), (128, 4, 2, False),
                                (128, 8, 3, False), (64, 2, 3, False), (64, 4, 3, True), (128, 4, 3, True))]
@@ -76,30 +77,6 @@ def check(b: int, s: int, device: str, **shape) -> dict:
     return dict(max_rel_err=err, ok=ok)
 
 
-def timed(make, nbytes: int, graph: bool = True) -> float:
-    """Median ms of one call: R calls (each on its own operands, R * nbytes > 3x L2) per CUDA-graph replay."""
-    from triton.testing import do_bench
-
-    r = int(min(64, max(1, math.ceil(3 * L2 / max(nbytes, 1)))))
-    calls = [make(i) for i in range(r)]
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    if not graph:
-        return do_bench(calls[0], warmup=25, rep=100, return_mode="median")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    return do_bench(g.replay, warmup=25, rep=100, return_mode="median") / r
-
-
 def _ours(b, s, cfg=None):
     def make(i):
         a = op_inputs(b, s, "cuda", seed=100 + i)
@@ -131,11 +108,11 @@ def bench_shape(b: int, s: int, sweep: bool) -> dict:
     bf16_bytes = 2 * b * HKV * (P + s) * D * 2
     block_s = pick_block_s(b * HKV, s)
     row = dict(B=b, S=s, block_s=block_s, splits=pick_splits(b * HKV, s, block_s), check=check(b, s, "cuda"))
-    row["ours_ms"] = timed(_ours(b, s), ours_bytes)
-    row["ours_eager_ms"] = timed(_ours(b, s), ours_bytes, graph=False)
+    row["ours_ms"] = timed(_ours(b, s), ours_bytes, cap=64)
+    row["ours_eager_ms"] = timed(_ours(b, s), ours_bytes, graph=False, cap=64)
     for name, repeat in (("sdpa_gqa", False), ("sdpa_repeat", True)):
         try:
-            row[f"{name}_ms"] = timed(_sdpa(b, s, repeat), bf16_bytes * (HQ // HKV if repeat else 1))
+            row[f"{name}_ms"] = timed(_sdpa(b, s, repeat), bf16_bytes * (HQ // HKV if repeat else 1), cap=64)
         except RuntimeError as e:  # e.g. no SDPA backend for enable_gqa on this build
             row[f"{name}_ms"], row[f"{name}_error"] = None, str(e)[:200]
     row["ours_GBps"] = gbps(ours_bytes, row["ours_ms"])
@@ -144,7 +121,7 @@ def bench_shape(b: int, s: int, sweep: bool) -> dict:
     row["sdpa_GBps"] = gbps(bf16_bytes, row["sdpa_gqa_ms"]) if row["sdpa_gqa_ms"] else None
     row["speedup"] = row["sdpa_ms"] / row["ours_ms"] if row["sdpa_ms"] else None
     if sweep:
-        row["sweep"] = {repr(c): timed(_ours(b, s, c), ours_bytes) for c in SWEEP}
+        row["sweep"] = {repr(c): timed(_ours(b, s, c), ours_bytes, cap=64) for c in SWEEP}
         best = min(row["sweep"], key=row["sweep"].get)
         print(f"B={b} S={s}: best {best} {row['sweep'][best] * 1e3:.1f} us", flush=True)
     return row
@@ -180,13 +157,9 @@ def main(argv=None):
         if not all(r["check"]["ok"] for r in results):
             raise SystemExit("check failed")
         return results
-    a = torch.randn(2**28, device="cuda")
-    b = torch.empty_like(a)
-    from triton.testing import do_bench
-
-    copy = 2 * a.numel() * 4 / (do_bench(lambda: b.copy_(a), return_mode="median") * 1e-3) / 1e9
-    del a, b
     import triton
+
+    copy = copy_tbps() * 1e3  # GB/s
 
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                copy_GBps=copy)

@@ -7,7 +7,7 @@ Llama-3-8B shapes and prefill row counts; plus the checks that the fp8 path is e
 1. Exactness: e4m3 codes x widened int4 weights through `_scaled_mm` (unit scales, fp32 out) equal the reference
    integers (random and extreme operands, K 4096 and 14336); `static_linear` on the fp8 path is within one bf16
    rounding of the reference, on random shapes with ragged M, with and without the online Hadamard.
-2. Times (CUDA graph of R calls over R input sets, > 3x L2, median of do_bench, / R; `bench_linear.py`'s harness):
+2. Times (CUDA graph of R calls over R input sets, > 3x L2, median of do_bench, / R; `benchmarks/harness.py`):
    `bf16` (F.linear), `torchao_fp8row` (Float8DynamicActivationFloat8WeightConfig(PerRow), torch.compile'd),
    `fp8_gemm` (`_scaled_mm` rowwise alone, pre-quantized), `pq_int` (static_linear on the int4 Triton path),
    `pq_fp8` (static_linear on the fp8 path), `widen` (the weight widening alone), `hadamard_q` (down_proj's
@@ -17,7 +17,6 @@ Llama-3-8B shapes and prefill row counts; plus the checks that the fp8 path is e
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import sys
@@ -29,16 +28,15 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import harness as bl  # noqa: E402
+from harness import act, log, rand_packed, randf, rotations, time_calls  # noqa: E402
 
 from pq_ao import quant_math  # noqa: E402
 from pq_ao.hadamard import hadamard_factor  # noqa: E402
 from pq_ao.kernels import reference  # noqa: E402
 from pq_ao.kernels.triton import fp8_linear, hadamard, linear  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("bench_linear", ROOT / "benchmarks" / "bench_linear.py")
-bl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bl)
-log, time_calls, rotations, randf, act, rand_packed = bl.log, bl.time_calls, bl.rotations, bl.randf, bl.act, bl.rand_packed
 
 DEV = "cuda"
 # (N, K, online Hadamard): q/o, k/v, gate/up, fused gate+up, down (R4: 14336 = 28 x 512)

@@ -4,8 +4,7 @@
 
 `rotate.py` builds it from a down_proj with `weight = hadamard_transform(W, had_k)` (row-wise, i.e. W H^T), so
 y = W x + b exactly. The state dict is nn.Linear's plus the `had_k` buffer. The transform is the registered op
-`torch.ops.pq_ao.hadamard_transform` (CPU reference / CUDA Triton) when `pq_ao.kernels` is importable, else
-`pq_ao.hadamard.hadamard_transform` (the same contract).
+`pq_ao::hadamard_transform` (CPU reference / CUDA Triton).
 """
 
 from __future__ import annotations
@@ -14,21 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pq_ao.hadamard import hadamard_factor, hadamard_transform
-
-_TRANSFORM = None
-
-
-def online_hadamard():
-    """The online Hadamard callable: the registered `pq_ao::hadamard_transform` op, else the plain function."""
-    global _TRANSFORM
-    if _TRANSFORM is None:
-        try:
-            import pq_ao.kernels  # noqa: F401  (registers torch.ops.pq_ao.*)
-        except ImportError:
-            pass
-        _TRANSFORM = getattr(torch.ops.pq_ao, "hadamard_transform", None) or hadamard_transform
-    return _TRANSFORM
+from pq_ao.hadamard import compute_dtype, hadamard_factor, hadamard_transform
+from pq_ao.kernels import ops
 
 
 class HadamardLinear(nn.Linear):
@@ -39,7 +25,6 @@ class HadamardLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         had_k = hadamard_factor(in_features)[1] if had_k is None else had_k
         self.register_buffer("had_k", had_k.to(device=device, dtype=torch.float32))
-        online_hadamard()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, had_k: torch.Tensor | None = None) -> "HadamardLinear":
@@ -47,7 +32,7 @@ class HadamardLinear(nn.Linear):
         w = linear.weight
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, had_k, w.device, w.dtype)
         with torch.no_grad():
-            dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+            dt = compute_dtype(w.dtype)
             new.weight.copy_(hadamard_transform(w.detach().to(dt), new.had_k).to(w.dtype))
             if linear.bias is not None:
                 new.bias.copy_(linear.bias)
@@ -55,7 +40,7 @@ class HadamardLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear((_TRANSFORM or online_hadamard())(x, self.had_k), self.weight, self.bias)
+        return F.linear(ops.hadamard_transform(x, self.had_k), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, K={self.had_k.shape[-1]}"

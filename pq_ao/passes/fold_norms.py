@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pq_ao.hadamard import compute_dtype
 from pq_ao.passes.structure import ModelStructure, discover
 
 
@@ -29,7 +30,7 @@ def fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
         return
     for lin in readers:
         w = lin.weight
-        dt = torch.float64 if torch.float64 in (w.dtype, g.dtype) else torch.float32
+        dt = compute_dtype(w.dtype, g.dtype)
         w.copy_((w.to(dt) * g.detach().to(device=w.device, dtype=dt)).to(w.dtype))
     g.fill_(1.0)
 

@@ -24,18 +24,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pq_ao.hadamard import RandomHadamard, hadamard_factor
+from pq_ao.hadamard import RandomHadamard, compute_dtype, hadamard_factor
 from pq_ao.nn.attention import PrefixAttention
 from pq_ao.nn.hadamard_linear import HadamardLinear
 from pq_ao.passes.fold_norms import fold_norms
 from pq_ao.passes.structure import ModelStructure, discover
 from pq_ao.state import require_state
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 arithmetic for fp32/bf16/fp16 weights (a Hadamard transform in fp32 is accurate to a few ulp,
-    far below bf16 rounding and the 1e-4 equivalence bound); float64 for float64 weights."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _update(param: torch.Tensor | None, fn) -> None:
@@ -71,11 +65,6 @@ def _rotate_heads_input(lin: nn.Linear, r: RandomHadamard, head_dim: int) -> Non
     _update(lin.weight, lambda w: r.right(w.view(out, -1, head_dim)).reshape(out, inp))
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, module)
-
-
 def attach_attention(
     model: nn.Module, structure: ModelStructure | None = None, rotate_qk: bool = False
 ) -> ModelStructure:
@@ -83,7 +72,7 @@ def attach_attention(
     s = structure or discover(model)
     for b in s.blocks:
         name = f"{b.block}.{b.attn}"
-        _set(model, name, PrefixAttention.wrap(model.get_submodule(name), rotate_qk=rotate_qk))
+        model.set_submodule(name, PrefixAttention.wrap(model.get_submodule(name), rotate_qk=rotate_qk))
     return s
 
 
@@ -117,7 +106,7 @@ def rotate_model(
         _rotate_heads_input(s.get(model, i, b.o_proj), r2, b.head_dim)
         if online_r4:
             name = f"{b.block}.{b.down_proj}"
-            _set(model, name, HadamardLinear.from_linear(model.get_submodule(name)))
+            model.set_submodule(name, HadamardLinear.from_linear(model.get_submodule(name)))
     attach_attention(model, s, rotate_qk=online_r3)
 
     down = s.get(model, 0, b0.down_proj)

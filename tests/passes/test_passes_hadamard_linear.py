@@ -3,7 +3,6 @@ import torch
 from torch import nn
 
 from pq_ao.hadamard import hadamard_factor, hadamard_transform
-from pq_ao.nn import hadamard_linear
 from pq_ao.nn.hadamard_linear import HadamardLinear
 
 
@@ -29,9 +28,10 @@ def test_state_dict_is_linear_plus_had_k():
 
 
 def test_uses_the_registered_op():
-    import pq_ao.kernels  # noqa: F401
-
-    assert hadamard_linear.online_hadamard() is torch.ops.pq_ao.hadamard_transform
+    """The online transform is `pq_ao::hadamard_transform`, so compile / export keep the op (and CUDA its kernel)."""
+    lin = HadamardLinear.from_linear(nn.Linear(64, 8))
+    ep = torch.export.export(lin, (torch.randn(3, 64),))
+    assert "pq_ao.hadamard_transform.default" in {str(n.target) for n in ep.graph.nodes}
 
 
 def test_bf16_runs_the_transform_in_fp32():

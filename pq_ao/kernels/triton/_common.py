@@ -23,6 +23,8 @@ import os
 import triton
 import triton.language as tl
 
+from pq_ao.quant_math import qrange
+
 _RNE_MAGIC = 12582912.0  # 1.5 * 2**23
 
 
@@ -99,12 +101,6 @@ except AttributeError:  # older triton without knobs
 
 def interpreting() -> bool:
     return _INTERPRETED
-
-
-def qrange(bits: int) -> tuple[int, int]:
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 def next_pow2(n: int) -> int:

@@ -15,8 +15,8 @@ takes had_k's entries as exact in bf16 when K has a known +-1 construction (`pq_
 fp16/fp32 inputs are split the same way for the first product. A row of more than 128 x 128 elements
 (n > 16384 for powers of two) or a power-of-2 part under 16 goes to a plain-torch fallback.
 
-Fused quantization (`hadamard_quantize_static`) quantizes the fp32 transform directly, or, with
-ROUND_TO_INPUT_DTYPE, after rounding it to the input dtype (what an unfused transform-then-quantize pipeline sees).
+Fused quantization (`hadamard_quantize_static`) quantizes the fp32 transform directly, as the reference does
+(`pq_ao.kernels.reference.hadamard_quantize_static`; no rounding to the input dtype in between).
 """
 
 from __future__ import annotations
@@ -36,10 +36,6 @@ MAX_C = 128
 
 MAX_A = 128
 
-
-# The reference (pq_ao.kernels.reference.hadamard_quantize_static) quantizes the fp32 transform, not the transform
-# rounded to x.dtype; the kernel follows it.
-ROUND_TO_INPUT_DTYPE = False
 
 
 @triton.jit
@@ -96,15 +92,12 @@ def _f32_dot_f32(a, b, A_EXACT: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _quantize_store(y, out_base, offs_c, mask, x_ptr, scale_ptr, out_ptr, QUANT: tl.constexpr, BITS: tl.constexpr,
-                    QMIN: tl.constexpr, QMAX: tl.constexpr, E4M3: tl.constexpr, ROUND_X: tl.constexpr,
-                    INTERP: tl.constexpr):
+def _quantize_store(y, out_base, offs_c, mask, scale_ptr, out_ptr, QUANT: tl.constexpr, BITS: tl.constexpr,
+                    QMIN: tl.constexpr, QMAX: tl.constexpr, E4M3: tl.constexpr, INTERP: tl.constexpr):
     """Store the fp32 transform y: quantized (packed int4 / int8 / one e4m3 code per value), or cast to the output
     dtype."""
     C: tl.constexpr = offs_c.shape[0]
     if QUANT:
-        if ROUND_X:
-            y = cast_out(y, x_ptr.dtype.element_ty, INTERP).to(tl.float32)
         q = quantize_values(y, tl.load(scale_ptr), QMIN, QMAX)
         if E4M3:
             tl.store(out_base + offs_c[None, :], q.to(tl.float32).to(tl.float8e4nv), mask=mask)
@@ -122,7 +115,7 @@ def _hadamard_kernel(
     KH: tl.constexpr, HAS_HK: tl.constexpr, HK_EXACT: tl.constexpr, P1: tl.constexpr, A: tl.constexpr, A_PAD: tl.constexpr,
     C: tl.constexpr, ROWS: tl.constexpr, X_BF16: tl.constexpr,
     QUANT: tl.constexpr, BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, E4M3: tl.constexpr,
-    ROUND_X: tl.constexpr, INTERP: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_c = tl.arange(0, C)
@@ -134,8 +127,8 @@ def _hadamard_kernel(
         rows = offs_r.to(tl.int64)[:, None]
         x = tl.load(x_ptr + rows * stride_xm + offs_c[None, :], mask=rmask, other=0.0)
         y = (_dot_f32_bf16(x, h_c, X_BF16, INTERP) * inv_sqrt_n).to(tl.float32)  # fp64 scalar under inductor
-        _quantize_store(y, out_ptr + rows * stride_om, offs_c, rmask, x_ptr, scale_ptr, out_ptr,
-                        QUANT, BITS, QMIN, QMAX, E4M3, ROUND_X, INTERP)
+        _quantize_store(y, out_ptr + rows * stride_om, offs_c, rmask, scale_ptr, out_ptr,
+                        QUANT, BITS, QMIN, QMAX, E4M3, INTERP)
     else:
         # one row per program, viewed as [A, C]: Y = M_A @ (X @ H_C), M_A = had_k (kron) H_P1
         row = pid.to(tl.int64)
@@ -152,8 +145,8 @@ def _hadamard_kernel(
         m_a = tl.where((i < A) & (j < A), m_a, 0.0)
         y = (_f32_dot_f32(m_a, z, HK_EXACT, INTERP) * inv_sqrt_n).to(tl.float32)
         OUT_C: tl.constexpr = C // 2 if QUANT and BITS == 4 and not E4M3 else C
-        _quantize_store(y, out_ptr + row * stride_om + offs_a[:, None] * OUT_C, offs_c, amask, x_ptr, scale_ptr,
-                        out_ptr, QUANT, BITS, QMIN, QMAX, E4M3, ROUND_X, INTERP)
+        _quantize_store(y, out_ptr + row * stride_om + offs_a[:, None] * OUT_C, offs_c, amask, scale_ptr, out_ptr,
+                        QUANT, BITS, QMIN, QMAX, E4M3, INTERP)
 
 
 def _plan(n: int, had_k: torch.Tensor | None):
@@ -180,7 +173,6 @@ def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False):
         if not quant:
             return _had.hadamard_transform(x, had_k)
         y = _had.hadamard_transform(x if x.dtype == torch.float64 else x.float(), had_k)
-        y = y.to(x.dtype) if ROUND_TO_INPUT_DTYPE else y
         return quantize_static_e4m3(y, scale) if e4m3 else quantize_static(y, scale, bits)
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
@@ -217,7 +209,7 @@ def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False):
         1.0 / math.sqrt(n),
         KH=kh, HAS_HK=has_hk, HK_EXACT=(not has_hk) or _had.has_true_hadamard(kh),
         P1=p1, A=a, A_PAD=a_pad, C=c, ROWS=rows, X_BF16=(x.dtype == torch.bfloat16),
-        QUANT=quant, BITS=bits, QMIN=qmin, QMAX=qmax, E4M3=e4m3, ROUND_X=ROUND_TO_INPUT_DTYPE,
+        QUANT=quant, BITS=bits, QMIN=qmin, QMAX=qmax, E4M3=e4m3,
         INTERP=interpreting(), num_warps=warps,
     )
     return out.reshape(*x.shape[:-1], out.shape[-1])
