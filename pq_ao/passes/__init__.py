@@ -3,7 +3,7 @@
 from pq_ao.passes.capture import StructureError, capture_block, find_blocks, trace_model
 from pq_ao.passes.fold_norms import fold_norms, untie_embeddings
 from pq_ao.passes.rotate import attach_attention, rotate_model
-from pq_ao.passes.structure import BlockStructure, ModelStructure, discover, find_structure
+from pq_ao.passes.structure import BlockStructure, ModelStructure, find_structure
 
 __all__ = [
     "BlockStructure",
@@ -11,7 +11,6 @@ __all__ = [
     "StructureError",
     "attach_attention",
     "capture_block",
-    "discover",
     "find_blocks",
     "find_structure",
     "fold_norms",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pq_ao.hadamard import compute_dtype
-from pq_ao.passes.structure import ModelStructure, discover
+from pq_ao.passes.structure import ModelStructure, find_structure
 
 
 @torch.no_grad()
@@ -62,9 +62,16 @@ def _text_config(config):
     return get() if callable(get) else config
 
 
+def norms_folded(model: nn.Module, s: ModelStructure) -> bool:
+    """Whether every norm that `fold_norms` folds has a weight of ones (or none)."""
+    norms = [s.get(model, i, n) for i in range(s.n_blocks) for n in s.block.norm_readers]
+    norms.append(model.get_submodule(s.final_norm))
+    return all(getattr(m, "weight", None) is None or bool((m.weight == 1).all()) for m in norms)
+
+
 def fold_norms(model: nn.Module, structure: ModelStructure | None = None) -> ModelStructure:
     """Untie lm_head, fold every block norm into its readers and the final norm into lm_head (in place)."""
-    s = structure or discover(model)
+    s = structure or find_structure(model)
     untie_embeddings(model, s)
     for i in range(s.n_blocks):
         for norm, readers in s.block.norm_readers.items():

@@ -27,8 +27,8 @@ from torch import nn
 from pq_ao.hadamard import RandomHadamard, compute_dtype, hadamard_factor
 from pq_ao.nn.attention import PrefixAttention
 from pq_ao.nn.hadamard_linear import HadamardLinear
-from pq_ao.passes.fold_norms import fold_norms
-from pq_ao.passes.structure import ModelStructure, discover
+from pq_ao.passes.fold_norms import norms_folded
+from pq_ao.passes.structure import ModelStructure, find_structure
 from pq_ao.state import require_state
 
 
@@ -69,7 +69,7 @@ def attach_attention(
     model: nn.Module, structure: ModelStructure | None = None, rotate_qk: bool = False
 ) -> ModelStructure:
     """Swap every block's attention module for `PrefixAttention.wrap(attn, rotate_qk)` (R3 when rotate_qk)."""
-    s = structure or discover(model)
+    s = structure or find_structure(model)
     for b in s.blocks:
         name = f"{b.block}.{b.attn}"
         model.set_submodule(name, PrefixAttention.wrap(model.get_submodule(name), rotate_qk=rotate_qk))
@@ -85,12 +85,15 @@ def rotate_model(
     online_r3: bool = True,
     online_r4: bool = True,
 ) -> ModelStructure:
-    """Fold norms (if not yet), fuse R1/R2, swap down_proj for `HadamardLinear` (R4) and attention for
-    `PrefixAttention` (R3 when `online_r3`). In place; returns the structure."""
+    """Fuse R1/R2, swap down_proj for `HadamardLinear` (R4) and attention for `PrefixAttention` (R3 when
+    `online_r3`). In place; returns the structure. The norms must be folded first (`fold_norms`): R1 commutes with
+    x / rms(x) only when the norm's weight is ones."""
     state = require_state(model)
     if state.rotation:
         raise ValueError(f"model is already rotated: {state.rotation}")
-    s = fold_norms(model, structure or discover(model))
+    s = structure or find_structure(model)
+    if not norms_folded(model, s):
+        raise ValueError("fold the norms first (pq_ao.passes.fold_norms): the rotation is exact only then")
     b0 = s.block
     r1 = RandomHadamard.from_seed(s.hidden_size, seed)
     r2 = RandomHadamard.from_seed(b0.head_dim, seed + 1)

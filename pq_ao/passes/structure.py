@@ -465,7 +465,7 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
 
 
-def discover(model: nn.Module, input_ids: torch.Tensor | None = None) -> ModelStructure:
+def find_structure(model: nn.Module, input_ids: torch.Tensor | None = None) -> ModelStructure:
     """Find the whole structure: capture block 0, analyse it, check every block matches, and find the
     embedding -> blocks -> final norm -> lm_head chain from one traced forward."""
     trace = trace_model(model, input_ids)
@@ -507,5 +507,3 @@ def discover(model: nn.Module, input_ids: torch.Tensor | None = None) -> ModelSt
         tied=head.weight is emb.weight,
     )
 
-
-find_structure = discover

@@ -7,13 +7,13 @@ import pq_ao
 from pq_ao.calibration.prefix_kv import install_prefix, remove_prefix
 from pq_ao.calibration.sites import block_sites
 from pq_ao.hf_compat import cache_kwarg, output_cache
-from pq_ao.passes import find_structure, rotate_model
+from pq_ao.passes import find_structure, fold_norms, rotate_model
 
 
 @pytest.fixture(scope="module")
 def rotated():
     model, tok = pq_ao.load_model("stories260k", dtype=torch.float32)
-    structure = find_structure(model)
+    structure = fold_norms(model, find_structure(model))
     rotate_model(model, structure, seed=3)
     return model, tok, [b.attn for b in block_sites(model, structure)]
 

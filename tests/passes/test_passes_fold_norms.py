@@ -2,7 +2,7 @@ import copy
 
 import torch
 
-from pq_ao.passes import discover, fold_norms
+from pq_ao.passes import find_structure, fold_norms
 
 
 def _logits(model, ids):
@@ -36,7 +36,7 @@ def test_fold_norms_is_exact_and_unties(tiny):
 def test_fold_norms_is_idempotent_and_leaves_qk_norms(tiny):
     model = tiny("qwen3")
     q_norm = model.model.layers[0].self_attn.q_norm.weight.detach().clone()
-    s = discover(model)
+    s = find_structure(model)
     fold_norms(model, s)
     once = copy.deepcopy(model.state_dict())
     fold_norms(model, s)

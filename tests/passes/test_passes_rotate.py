@@ -7,7 +7,7 @@ from pq_ao.hadamard import has_true_hadamard
 from pq_ao.hf_compat import cache_kwarg, output_cache
 from pq_ao.nn.attention import PrefixAttention
 from pq_ao.nn.hadamard_linear import HadamardLinear
-from pq_ao.passes import discover, rotate_model
+from pq_ao.passes import find_structure, fold_norms, rotate_model
 from pq_ao.state import state_of
 
 TINY = ("qwen2", "qwen3", "mistral", "llama_eager")  # tests/passes/conftest.py::make_tiny
@@ -20,12 +20,13 @@ def _rel(a, b):
 
 @pytest.fixture(scope="module")
 def stories_structure(stories):
-    return discover(stories[0])
+    return find_structure(stories[0])
 
 
 def _check_equivalent(model, ids, seed=0, new_tokens=8, **kw):
     """Rotate a copy; logits (no cache), one cached decode step and greedy generation must match."""
     rotated = copy.deepcopy(model)
+    fold_norms(rotated, kw.get("structure"))
     s = rotate_model(rotated, seed=seed, **kw)
     with torch.no_grad():
         for m in (model, rotated):
@@ -90,6 +91,8 @@ def test_rotation_without_online_parts(stories, stories_structure, r3, r4):
 
 def test_seeds_give_different_rotations(stories, stories_structure):
     a, b = copy.deepcopy(stories[0]), copy.deepcopy(stories[0])
+    for m in (a, b):
+        fold_norms(m, stories_structure)
     rotate_model(a, stories_structure, seed=0)
     rotate_model(b, stories_structure, seed=1)
     assert not torch.allclose(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
@@ -106,3 +109,10 @@ def test_rotation_is_exact_smollm2():
     rotated, s = _check_equivalent(model, ids, new_tokens=4)
     assert state_of(rotated).rotation["r1"]["K"] == 36 and state_of(rotated).rotation["r4"]["K"] == 12
     assert s.tied and rotated.lm_head.weight is not rotated.model.embed_tokens.weight
+
+
+def test_rotation_needs_folded_norms(stories, stories_structure):
+    """fold_norms runs once, before rotate_model (R1 commutes with the norm only when its weight is ones)."""
+    model = copy.deepcopy(stories[0])
+    with pytest.raises(ValueError, match="fold the norms first"):
+        rotate_model(model, stories_structure)

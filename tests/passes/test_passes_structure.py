@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pq_ao.passes import StructureError, discover, find_blocks
+from pq_ao.passes import StructureError, find_blocks, find_structure
 
 
 def _expect_common(s, hidden, n_blocks):
@@ -24,7 +24,7 @@ def _expect_common(s, hidden, n_blocks):
 
 
 def test_structure_stories(stories):
-    s = discover(stories[0])
+    s = find_structure(stories[0])
     b = _expect_common(s, 64, 5)
     assert (b.head_dim, b.n_heads, b.n_kv_heads) == (8, 8, 4)
     assert b.q_norm is None and b.attention_op == "sdpa" and s.tied
@@ -41,7 +41,7 @@ def test_structure_stories(stories):
 )
 def test_structure_tiny(tiny, kind, heads, q_norm, op, tied):
     model = tiny(kind)
-    s = discover(model)
+    s = find_structure(model)
     b = _expect_common(s, model.config.hidden_size, 2)
     assert (b.head_dim, b.n_heads, b.n_kv_heads) == heads
     assert b.q_norm == q_norm and b.k_norm == (q_norm and "self_attn.k_norm")
@@ -53,13 +53,13 @@ def test_structure_bf16_and_restores_attention_implementation(tiny):
     model.config._attn_implementation = (
         "flex_attention"  # not exportable here: captured as SDPA, then restored
     )
-    s = discover(model)
+    s = find_structure(model)
     assert s.block.attention_op == "sdpa" and model.config._attn_implementation == "flex_attention"
 
 
 @pytest.mark.slow
 def test_structure_smollm2(smollm2):
-    s = discover(smollm2[0])
+    s = find_structure(smollm2[0])
     b = _expect_common(s, 576, 30)
     assert (b.head_dim, b.n_heads, b.n_kv_heads) == (64, 9, 3) and s.tied
 
@@ -115,7 +115,7 @@ def _swap_all(model, attr, make):
 def test_unknown_structure_errors(stories_copy, attr, make, match):
     _swap_all(stories_copy, attr, make)
     with pytest.raises(StructureError, match=match):
-        discover(stories_copy)
+        find_structure(stories_copy)
 
 
 def test_blocks_must_match(stories_copy):
@@ -125,7 +125,7 @@ def test_blocks_must_match(stories_copy):
     up = stories_copy.model.layers[3].mlp.up_proj
     stories_copy.model.layers[3].mlp.up_proj = OtherLinear(up.in_features, up.out_features, bias=False)
     with pytest.raises(StructureError, match=r"block 3 'mlp.up_proj' is OtherLinear"):
-        discover(stories_copy)
+        find_structure(stories_copy)
 
 
 def test_no_blocks():
@@ -136,4 +136,4 @@ def test_no_blocks():
 def test_final_norm_must_be_rmsnorm(stories_copy):
     stories_copy.model.norm = nn.LayerNorm(64)
     with pytest.raises(StructureError, match=r"norm '' \(LayerNorm\) is not an RMSNorm"):
-        discover(stories_copy)
+        find_structure(stories_copy)
