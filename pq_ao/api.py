@@ -15,11 +15,11 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 
 from pq_ao.calibration.grid_search import calibrate_blocks
 from pq_ao.calibration.outliers import find_prefix, top_median_ratio
-from pq_ao.calibration.prefix_kv import install_prefix
 from pq_ao.calibration.sites import block_sites
 from pq_ao.config import PrefixQuantConfig
 from pq_ao.kernels import enable_compile_memo
 from pq_ao.passes import attach_attention, find_structure, fold_norms, rotate_model
+from pq_ao.passes.prefix import install_prefix
 from pq_ao.state import PrefixQuantState, QuantizationReport, require_state, state_of
 
 __all__ = ["PrefixQuantState", "QuantizationReport", "calibration_data", "prefixquant", "quantize_",

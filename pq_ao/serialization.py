@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pq_ao.calibration.prefix_kv import attach_prefix_positions
 from pq_ao.kernels import enable_compile_memo
 from pq_ao.nn.attention import KVQuantizer, PrefixAttention
+from pq_ao.passes.prefix import attach_prefix_positions
 from pq_ao.state import PrefixQuantState, require_state
 from pq_ao.tensors import IntxLinearWeight
 

@@ -55,8 +55,8 @@ def test_another_librarys_quantization_is_refused():
 
 def test_a_deep_copy_has_its_own_guard(quantized):
     """The BOS-guard handle of a copied model removes the copy's hook, not the original's."""
-    from pq_ao.calibration.prefix_kv import remove_prefix
     from pq_ao.nn.attention import PrefixAttention
+    from pq_ao.passes.prefix import remove_prefix
 
     model, tok, _ = quantized
     twin = copy.deepcopy(model)

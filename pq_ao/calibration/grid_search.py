@@ -30,12 +30,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pq_ao import quant_math
-from pq_ao.calibration.prefix_kv import decoder
 from pq_ao.calibration.sites import SITES, BlockSites
 from pq_ao.calibration.stats import ActStats, effective_input
 from pq_ao.hf_compat import without_cache
 from pq_ao.nn.attention import KVQuantizer, observe_qkv
 from pq_ao.passes.convert import quantize_linear, replace_child
+from pq_ao.passes.structure import decoder
 
 WEIGHT_GRID = [1.0 - i / 20 for i in range(10)]
 KV_GRID = [round(1.0 - i / 20, 6) for i in range(17)]  # 1.00 .. 0.20

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pq_ao.calibration.prefix_kv import decoder
+from pq_ao.passes.structure import decoder
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""Graph passes over a decoder: capture a block, find its structure, fold norms, fuse and insert rotations."""
+"""Model transforms of a decoder: capture a block, find its structure, fold norms, fuse and insert rotations, install
+the prefix (and, in `convert`, turn calibrated linears into `IntxLinearWeight`s)."""
 
 from pq_ao.passes.capture import StructureError, capture_block, find_blocks, trace_model
 from pq_ao.passes.fold_norms import fold_norms, untie_embeddings
+from pq_ao.passes.prefix import attach_prefix_positions, install_prefix, remove_prefix
 from pq_ao.passes.rotate import attach_attention, rotate_model
 from pq_ao.passes.structure import BlockStructure, ModelStructure, find_structure
 
@@ -10,6 +12,9 @@ __all__ = [
     "ModelStructure",
     "StructureError",
     "attach_attention",
+    "attach_prefix_positions",
+    "install_prefix",
+    "remove_prefix",
     "capture_block",
     "find_blocks",
     "find_structure",

@@ -465,6 +465,13 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
 
 
+def decoder(model: nn.Module) -> nn.Module:
+    """The base decoder of a causal LM (no LM head): cheaper to run when only internals are observed."""
+    get = getattr(model, "get_decoder", None)
+    base = get() if callable(get) else None
+    return base if base is not None else model
+
+
 def find_structure(model: nn.Module, input_ids: torch.Tensor | None = None) -> ModelStructure:
     """Find the whole structure: capture block 0, analyse it, check every block matches, and find the
     embedding -> blocks -> final norm -> lm_head chain from one traced forward."""

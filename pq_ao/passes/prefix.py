@@ -1,4 +1,5 @@
-"""Build the prefix KV and install it: after this, every sequence attends to the prefix and starts at position P.
+"""The prefix pass: build the prefix KV and install it, so that every sequence attends to the prefix and starts at
+position P (the rotary module wrapped in `PrefixPositions`, a BOS guard on the model's input).
 
 Invariant: for input x, the prefixed model's logits equal the un-prefixed model's logits on `prefix + x` at the
 positions of x (in full precision), and the prefix KV is never quantized.
@@ -11,14 +12,8 @@ from torch import nn
 
 from pq_ao.hf_compat import cache_in
 from pq_ao.nn.attention import PrefixAttention, PrefixPositions, full_precision_kv, observe_qkv
+from pq_ao.passes.structure import decoder
 from pq_ao.state import require_state
-
-
-def decoder(model: nn.Module) -> nn.Module:
-    """The base decoder of a causal LM (no LM head): cheaper to run when only internals are observed."""
-    get = getattr(model, "get_decoder", None)
-    base = get() if callable(get) else None
-    return base if base is not None else model
 
 
 def rotary_owner(model: nn.Module) -> tuple[nn.Module, str]:

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import pq_ao
-from pq_ao.calibration.prefix_kv import install_prefix, remove_prefix
 from pq_ao.calibration.sites import block_sites
 from pq_ao.hf_compat import cache_kwarg, output_cache
 from pq_ao.passes import find_structure, fold_norms, rotate_model
+from pq_ao.passes.prefix import install_prefix, remove_prefix
 
 
 @pytest.fixture(scope="module")
