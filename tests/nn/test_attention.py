@@ -57,3 +57,44 @@ def test_causal_with_prefix_is_prefix_plus_causal_attention():
         want = _masked_reference(attn, q, k, v)
         assert got.shape == (2, heads, 9, 16)
         assert (got.double() - want).abs().max() < 1e-5, (p, heads, kv_heads)
+
+
+def test_extend_mask_adds_visible_prefix_columns():
+    from pq_ao.nn.attention import _extend_mask
+
+    assert _extend_mask(None, 5, 5, 0, "cpu") is None  # plain causal: SDPA's is_causal
+    assert _extend_mask(None, 1, 9, 0, "cpu") is None  # one query sees everything
+    m = _extend_mask(None, 3, 5, 2, "cpu")  # causal over 5 keys, 3 queries at the end, 2 prefix columns
+    want = torch.cat([torch.ones(3, 2, dtype=torch.bool), torch.ones(3, 5, dtype=torch.bool).tril(2)], 1)
+    assert torch.equal(m[0, 0], want)
+    additive = torch.zeros(1, 1, 3, 5)
+    additive[..., -1] = float("-inf")
+    m = _extend_mask(additive, 3, 5, 2, "cpu")
+    assert m.dtype == additive.dtype and torch.equal(m[..., :2], torch.zeros(1, 1, 3, 2))
+    assert torch.equal(m[..., 2:], additive)
+
+
+def test_slot_mask_from_start_or_from_hf():
+    from pq_ao.nn.attention import _slot_mask
+
+    got = _slot_mask(None, 2, 3, 8, torch.tensor(4), "cpu")  # queries at slots 4, 5, 6
+    assert got.shape == (2, 3, 8) and torch.equal(got[0].sum(-1), torch.tensor([5, 6, 7]))
+    hf = torch.zeros(2, 1, 3, 10)
+    hf[1, 0, :, 0] = float("-inf")  # additive: row 1's first slot is padding
+    got = _slot_mask(hf, 2, 3, 8, torch.tensor(0), "cpu")
+    assert got.shape == (2, 3, 8) and not got[1, :, 0].any() and got[0].all()
+
+
+def test_prefix_positions_shift_real_tokens():
+    from pq_ao.nn.attention import PrefixPositions
+
+    seen = []
+
+    class Rotary(torch.nn.Module):
+        def forward(self, x, position_ids):
+            seen.append(position_ids)
+            return position_ids
+
+    wrapped = PrefixPositions(Rotary(), offset=3)
+    wrapped(torch.zeros(1), torch.arange(4)[None])
+    assert torch.equal(seen[0], torch.arange(3, 7)[None])
