@@ -8,7 +8,7 @@ from pq_ao import data
 
 def test_wikitext2_test_is_the_hf_join():
     text = data.load("wikitext2")
-    # "\n\n".join of the 4358 HF rows: 1,294,336 characters (research/data.md), not the raw file's 1,290,590 B
+    # "\n\n".join of the 4358 HF rows: 1,294,336 characters (the HF dataset viewer's count), not the raw file's 1,290,590 B
     assert len(text) == 1_294_336
     assert text.startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is an English film")
     assert text.endswith("Ed Parker , and Eddie Pelkey . \n\n\n")  # the last row is blank
