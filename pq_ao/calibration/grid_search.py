@@ -34,7 +34,7 @@ from pq_ao.calibration.sites import SITES, BlockSites
 from pq_ao.calibration.stats import ActStats, effective_input
 from pq_ao.hf_compat import without_cache
 from pq_ao.nn.attention import KVQuantizer, observe_qkv
-from pq_ao.passes.convert import quantize_linear, replace_child
+from pq_ao.passes.convert import SitePlan, convert_site, replace_child
 from pq_ao.passes.structure import decoder
 
 WEIGHT_GRID = [1.0 - i / 20 for i in range(10)]
@@ -175,21 +175,19 @@ class BlockCalibrator:
         return y, grams, (q, k, v)
 
     def _convert(self, bs: BlockSites, grams: dict) -> None:
+        """Step 1's plan for every site (weight clips; the activation absmax from the statistics), then the
+        conversion pass builds the weights from it."""
         cfg = self.cfg
-        static = cfg.act_mode == "static" and cfg.a_bits < 16
-        dynamic = cfg.act_mode == "dynamic" and cfg.a_bits < 16
         for site in SITES:
-            absmax = torch.tensor([self.stats.act[(bs.index, site)]], device=bs.o.weight.device)
-            s0 = quant_math.scale_from_absmax(absmax, cfg.a_bits) if static else None
-            for lin in bs.linears(site):
-                clip = weight_clip(lin.weight.detach(), grams[site], cfg.w_bits) if cfg.grid_search else None
-                new = quantize_linear(
-                    lin, w_bits=cfg.w_bits, a_bits=cfg.a_bits, act_mode=cfg.act_mode, act_scale=s0, clip=clip,
-                    act_clip=1.0 if dynamic else None,
-                )
-                if new is not lin:  # an HadamardLinear (R4) became a plain Linear with R4 in its weight
-                    replace_child(bs.mlp, lin, new)
-                    bs.down = new
+            lins = bs.linears(site)
+            clips = [weight_clip(lin.weight.detach(), grams[site], cfg.w_bits) if cfg.grid_search else None
+                     for lin in lins]  # fmt: skip
+            plan = SitePlan(act_absmax=self.stats.act[(bs.index, site)], weight_clips=clips)
+            new = convert_site(lins, plan, w_bits=cfg.w_bits, a_bits=cfg.a_bits, act_mode=cfg.act_mode)
+            for lin, mod in zip(lins, new):
+                if mod is not lin:  # an HadamardLinear (R4) became a plain Linear with R4 in its weight
+                    replace_child(bs.mlp, lin, mod)
+                    bs.down = mod
 
     # -- step 2 ------------------------------------------------------------------------------------------------
     def _kv(self, bs: BlockSites, qkv) -> tuple[list[float], list[float]]:
@@ -258,7 +256,6 @@ class BlockCalibrator:
         from the intermediates of the previous site's winning evaluation (the same tensors a fresh pass computes:
         only the sites downstream of them changed), and the last winner's output is the block output."""
         cfg = self.cfg
-        field = "act_scale" if cfg.act_mode == "static" else "act_clip"  # what the clip factor multiplies
         if cfg.a_bits >= 16 or cfg.act_clip is not None or not cfg.grid_search:
             out = _run(bs.block, x, kwargs, self.chunk)
             if cfg.a_bits >= 16:
@@ -266,19 +263,19 @@ class BlockCalibrator:
             best = 1.0 if cfg.act_clip is None else cfg.act_clip
             for site in SITES:
                 for lin in bs.linears(site):
-                    getattr(lin.weight, field).mul_(best)
+                    lin.weight.set_act_range(lin.weight.act_range * best)
             final = out if best == 1.0 else _run(bs.block, x, kwargs, self.chunk)
             return {s: best for s in SITES}, final, _mse(out, y)
         chosen, cap, out, mse_minmax = {}, {}, None, 0.0
         for site in SITES:
             lins = bs.linears(site)
-            base = [getattr(lin.weight, field).clone() for lin in lins]
+            base = [lin.weight.act_range.clone() for lin in lins]  # min-max scale / clip 1: what the factor scales
             errs: dict[float, float] = {}
             winner: dict = {}
 
             def objective(a: float, site=site, lins=lins, base=base, errs=errs, winner=winner, prev=cap) -> float:
                 for lin, b in zip(lins, base):
-                    getattr(lin.weight, field).copy_(b * a)
+                    lin.weight.set_act_range(b * a)
                 tail, tail_cap = self._tail(bs, site, x, kwargs, prev)
                 errs[a] = _mse(tail, y)
                 pts = sorted(errs)
@@ -292,7 +289,7 @@ class BlockCalibrator:
                 best = _argmin([objective(a) for a in DYNAMIC_GRID], DYNAMIC_GRID)
             assert winner["a"] == best
             for lin, b in zip(lins, base):
-                getattr(lin.weight, field).copy_(b * best)
+                lin.weight.set_act_range(b * best)
             if site == "qkv":
                 mse_minmax = errs[1.0]  # every grid holds 1.0
             chosen[site], cap, out = best, winner["cap"], winner["out"]

@@ -7,10 +7,38 @@ quantized with the static scale or per token, times the per-channel quantized we
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from pq_ao import quant_math
 from pq_ao.tensors import IntxLinearWeight
+
+
+@dataclass
+class SitePlan:
+    """What calibration decided for the linears of one activation site: the absmax of their (effective) input,
+    whose min-max scale starts the activation grid (static mode), and per linear the per-output-channel weight clip
+    factors (None: min-max). The activation clip factor is searched afterwards, on the converted weights, through
+    `IntxLinearWeight.set_act_range`."""
+
+    act_absmax: float
+    weight_clips: list[torch.Tensor | None]
+
+
+def convert_site(linears: list[nn.Module], plan: SitePlan, *, w_bits: int, a_bits: int, act_mode: str) -> list[nn.Module]:
+    """`quantize_linear` for each linear of a site, from its plan; returns the modules to use (see
+    `quantize_linear`)."""
+    static = act_mode == "static" and a_bits < 16
+    dynamic = act_mode == "dynamic" and a_bits < 16
+    scale = None
+    if static:
+        absmax = torch.tensor([plan.act_absmax], device=linears[0].weight.device)
+        scale = quant_math.scale_from_absmax(absmax, a_bits)
+    return [quantize_linear(lin, w_bits=w_bits, a_bits=a_bits, act_mode=act_mode, act_scale=scale, clip=clip,
+                            act_clip=1.0 if dynamic else None)
+            for lin, clip in zip(linears, plan.weight_clips)]  # fmt: skip
 
 
 def quantize_linear(

@@ -125,6 +125,21 @@ class IntxLinearWeight(TorchAOBaseTensor):
             act_clip = torch.as_tensor(act_clip, dtype=torch.float32, device=weight.device).reshape(1).clone()
         return cls(qdata, w_scale, w_bits, a_bits, act_mode, weight.shape, weight.dtype, act_scale, had_k, act_clip)
 
+    @property
+    def act_range(self) -> torch.Tensor | None:
+        """What sets the activation grid, fp32 `[1]`: the static scale (`act_mode` "static") or the clip factor on
+        each token's absmax ("dynamic"); None for weight-only."""
+        return {"static": self.act_scale, "dynamic": self.act_clip}.get(self.act_mode)
+
+    @torch.no_grad()
+    def set_act_range(self, value: torch.Tensor | float) -> None:
+        """Set `act_range` in place (calibration's search writes here; compiled graphs that read it see the new
+        value)."""
+        target = self.act_range
+        if target is None:
+            raise ValueError(f"a weight with act_mode={self.act_mode!r} has no activation range to set")
+        target.copy_(torch.as_tensor(value, dtype=torch.float32, device=target.device).reshape(1))
+
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         q = quant_math.unpack_int4(self.qdata) if self.w_bits == 4 else self.qdata
         return quant_math.dequantize(q, self.scale[:, None], output_dtype or self.dtype)

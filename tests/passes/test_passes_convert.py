@@ -43,3 +43,18 @@ def test_replace_child_swaps_a_direct_child_only():
     assert parent[0] is new
     with pytest.raises(ValueError, match="not a direct child"):
         replace_child(parent, parent[1][0], nn.Linear(2, 2))
+
+
+def test_convert_site_builds_the_weights_from_the_plan():
+    from pq_ao.passes.convert import SitePlan, convert_site
+
+    lins = [nn.Linear(16, 4), nn.Linear(16, 6)]
+    originals = [lin.weight.detach().clone() for lin in lins]
+    clips = [torch.full((4,), 0.9), None]
+    static = convert_site(lins, SitePlan(act_absmax=3.0, weight_clips=clips), w_bits=4, a_bits=4, act_mode="static")
+    assert all(m.weight.act_scale.item() == pytest.approx(6.0 / 15) for m in static)  # min-max: 2 * absmax / 15
+    torch.testing.assert_close(static[0].weight.scale, quant_math.per_channel_scale(originals[0], 4) * 0.9)
+    torch.testing.assert_close(static[1].weight.scale, quant_math.per_channel_scale(originals[1], 4))
+    dyn = convert_site([nn.Linear(16, 4)], SitePlan(act_absmax=3.0, weight_clips=[None]), w_bits=4, a_bits=4,
+                       act_mode="dynamic")  # fmt: skip
+    assert dyn[0].weight.act_scale is None and dyn[0].weight.act_clip.item() == 1.0

@@ -263,3 +263,17 @@ def test_compiled_static_linear_matches_eager_on_cuda(online_hadamard):
     torch.compiler.reset()
     with torch.no_grad():
         assert torch.equal(torch.compile(lin, fullgraph=True)(x), lin(x))
+
+
+def test_act_range_is_the_static_scale_or_the_dynamic_clip():
+    w = torch.randn(8, 32)
+    static = IntxLinearWeight.from_float(w, 4, 4, "static", act_scale=0.2)
+    dynamic = IntxLinearWeight.from_float(w, 4, 4, "dynamic", act_clip=0.9)
+    assert static.act_range is static.act_scale and dynamic.act_range is dynamic.act_clip
+    static.set_act_range(static.act_range * 0.5)
+    dynamic.set_act_range(0.7)
+    assert static.act_scale.item() == pytest.approx(0.1) and dynamic.act_clip.item() == pytest.approx(0.7)
+    weight_only = IntxLinearWeight.from_float(w, 4, 16, "none")
+    assert weight_only.act_range is None
+    with pytest.raises(ValueError, match="no activation range"):
+        weight_only.set_act_range(1.0)
