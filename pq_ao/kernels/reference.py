@@ -43,7 +43,7 @@ def _check_float(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must have at least one dim, got a 0-d tensor")
 
 
-def _check_scale(scale: torch.Tensor, name: str, shapes: tuple[tuple[int, ...], ...]) -> None:
+def check_scale(scale: torch.Tensor, name: str, shapes: tuple[tuple[int, ...], ...]) -> None:
     if scale.dtype != torch.float32:
         raise TypeError(f"{name} must be float32, got {scale.dtype}")
     if tuple(scale.shape) not in shapes:
@@ -97,7 +97,7 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
     """Static per-tensor quantization with a `[1]` fp32 scale; int8 `[..., K]` or packed uint8 `[..., K // 2]`."""
     quant_math.check_bits(bits)
     _check_float(x, "x")
-    _check_scale(scale, "scale", ((1,),))
+    check_scale(scale, "scale", ((1,),))
     _check_even(x.shape[-1], bits, "last dim")
     return _pack(quant_math.quantize(x, scale, bits), bits)
 
@@ -108,7 +108,7 @@ def hadamard_quantize_static(x: torch.Tensor, had_k: torch.Tensor, scale: torch.
     quant_math.check_bits(bits)
     _check_float(x, "x")
     _check_had_k(had_k, x.shape[-1])
-    _check_scale(scale, "scale", ((1,),))
+    check_scale(scale, "scale", ((1,),))
     _check_even(x.shape[-1], bits, "last dim")
     y = hadamard.hadamard_transform(x.float(), had_k)
     return _pack(quant_math.quantize(y, scale, bits), bits)
@@ -123,7 +123,7 @@ def quantize_dynamic(
     _check_float(x, "x")
     _check_even(x.shape[-1], bits, "last dim")
     if clip is not None:
-        _check_scale(clip, "clip", ((1,),))
+        check_scale(clip, "clip", ((1,),))
     scale = quant_math.per_token_scale(x, bits, 1.0 if clip is None else clip)
     return _pack(quant_math.quantize(x, scale, bits), bits), scale
 
@@ -201,8 +201,8 @@ def check_int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype) 
                          f"wq holds K = {kw} ({list(wq.shape)}, {w_bits} bits)")
     if k << _max_abs_product_log2(a_bits, w_bits) >= 2**31:
         raise ValueError(f"K = {k} can overflow the int32 accumulator for W{w_bits}A{a_bits}")
-    _check_scale(x_scale, "x_scale", ((1,), (*lead, 1)))
-    _check_scale(w_scale, "w_scale", ((n,),))
+    check_scale(x_scale, "x_scale", ((1,), (*lead, 1)))
+    check_scale(w_scale, "w_scale", ((n,),))
     if bias is not None:
         _check_float(bias, "bias")
         if tuple(bias.shape) != (n,):
@@ -278,8 +278,8 @@ def _check_kv_attention(q, k_codes, v_codes, k_scale, v_scale, prefix_k, prefix_
                          f"{kv_bits} bits, got {list(k_codes.shape)}")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"query heads Hq = {hq} must be a multiple of the KV heads Hkv = {hkv}")
-    _check_scale(k_scale, "k_scale", ((hkv,),))
-    _check_scale(v_scale, "v_scale", ((hkv,),))
+    check_scale(k_scale, "k_scale", ((hkv,),))
+    check_scale(v_scale, "v_scale", ((hkv,),))
     for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         _check_float(t, name)
         _check_4d(t, name, "[1, Hkv, P, D]")

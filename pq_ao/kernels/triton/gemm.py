@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pq_ao.kernels.reference import check_int_linear
+
 from ._common import cast_out, dp4a, interpreting, qrange, quantize_values, unpack_int4_x16
 
 
@@ -331,24 +333,8 @@ def pick_config(M: int, N: int, K: int, a_bits: int, w_bits: int) -> GemmConfig:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _check_operands(xq, x_scale, wq, w_scale, a_bits, w_bits):
-    if a_bits not in (4, 8) or w_bits not in (4, 8):
-        raise ValueError(f"a_bits and w_bits must be 4 or 8, got {a_bits}, {w_bits}")
-    if x_scale.dim() == 0 or w_scale.dim() == 0:
-        raise ValueError("scales must not be 0-d tensors (shape [1], [M, 1] or [N]); AOTInductor rejects 0-d args")
-    want_a = torch.uint8 if a_bits == 4 else torch.int8
-    want_w = torch.uint8 if w_bits == 4 else torch.int8
-    if xq.dtype != want_a or wq.dtype != want_w:
-        raise TypeError(f"expected xq {want_a} and wq {want_w} for a_bits={a_bits}, w_bits={w_bits}; "
-                        f"got {xq.dtype}, {wq.dtype}")
-
-
 def int_linear_with_config(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype, cfg: GemmConfig | None):
-    _check_operands(xq, x_scale, wq, w_scale, a_bits, w_bits)
-    K = wq.shape[-1] * (2 if w_bits == 4 else 1)
-    ka = xq.shape[-1] * (2 if a_bits == 4 else 1)
-    if ka != K:
-        raise ValueError(f"K mismatch: activations have K={ka}, weights K={K}")
+    _, _, K = check_int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)  # the reference's checks
     lead = xq.shape[:-1]
     x2 = xq.reshape(-1, xq.shape[-1])
     if x2.stride(-1) != 1:

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from pq_ao import quant_math
+from pq_ao.kernels.reference import check_scale
 
 from ._common import next_pow2, pack_int4, qrange, quantize_values
 
@@ -61,11 +62,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2
 
 
-def _check_scale(scale: torch.Tensor, what: str) -> None:
-    if scale.dim() == 0:
-        raise ValueError(f"{what} must have shape [1] (0-d tensors break AOTInductor), got a 0-d tensor")
-
-
 def _static_blocks(K: int, bits: int) -> tuple[int, int]:
     block_k = max(16, min(next_pow2(K), 1024))
     block_m = max(1, 4096 // block_k)
@@ -76,7 +72,7 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
     """Static per-tensor quantization. x [..., K] float; scale [1] fp32.
 
     Returns int8 [..., K] (bits=8) or packed int4 uint8 [..., K // 2] (bits=4)."""
-    _check_scale(scale, "scale")
+    check_scale(scale, "scale", ((1,),))
     x2, out = _rows_and_output(x, bits)
     _launch_static(x2, scale, out, bits, e4m3=False)
     return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -85,7 +81,7 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
 def quantize_static_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Static per-tensor 4-bit quantization to one float8 e4m3 code per value: x [..., K] float, scale [1] fp32 ->
     float8_e4m3fn [..., K] holding the values -8..7 of `quantize_static(x, scale, 4)` (exact in e4m3)."""
-    _check_scale(scale, "scale")
+    check_scale(scale, "scale", ((1,),))
     x2 = _rows(x)
     out = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
     _launch_static(x2, scale, out, 4, e4m3=True)
@@ -157,7 +153,7 @@ def quantize_dynamic(
     warps = 8 if block_k >= 8192 else 4
     grid = (triton.cdiv(M, block_m),)
     if clip is not None:
-        _check_scale(clip, "clip")
+        check_scale(clip, "clip", ((1,),))
     torch.library.wrap_triton(_quantize_dynamic_kernel)[grid](
         x2, out, scale, clip if clip is not None else scale, M, K, x2.stride(0), out.stride(0),
         BITS=bits, QMIN=qmin, QMAX=qmax, EPS=quant_math.ABSMAX_EPS, HAS_CLIP=clip is not None,
