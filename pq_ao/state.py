@@ -3,7 +3,7 @@
 That is where HF keeps a model's quantization config (and torchao its `TorchAoConfig`), so `config.json` carries
 it when the model is saved: `quant_method: "pq_ao"`, the `PrefixQuantConfig`, the rotation seeds and sizes, the
 prefix ids, where the full-precision model came from, and the quantization report. Two fields live in memory only:
-the tokenizer (saved by its own `save_pretrained`) and the handle of the BOS-guard hook.
+the tokenizer (saved by its own `save_pretrained`) and the handles of the prefix pass's hooks.
 
 Invariants: a model has at most one state, created by `load_model` (source, tokenizer) or `quantize_` and
 completed by the passes (rotation, prefix); every reader goes through `state_of` / `require_state`, never through
@@ -81,7 +81,7 @@ class PrefixQuantState:
     prefix_ids: list[int] = field(default_factory=list)
     report: QuantizationReport | None = None
     tokenizer: Any = field(default=None, repr=False, compare=False)  # in memory only
-    bos_guard: Any = field(default=None, repr=False, compare=False)  # the hook's handle, in memory only
+    hooks: list = field(default_factory=list, repr=False, compare=False)  # the prefix pass's hook handles, in memory
 
     @property
     def quantized(self) -> bool:
@@ -111,14 +111,14 @@ class PrefixQuantState:
         )
 
     def __deepcopy__(self, memo) -> "PrefixQuantState":
-        """A copy that shares the tokenizer (HF's `config.to_dict()` deep-copies the config). The hook handle is
-        deep-copied through `memo`: in a `copy.deepcopy(model)` it then points at the copy's own hooks."""
+        """A copy that shares the tokenizer (HF's `config.to_dict()` deep-copies the config). The hook handles are
+        deep-copied through `memo`: in a `copy.deepcopy(model)` they then point at the copy's own hooks."""
         import copy
 
         return PrefixQuantState(source=self.source, config=copy.deepcopy(self.config, memo),
                                 rotation=copy.deepcopy(self.rotation, memo), prefix_ids=list(self.prefix_ids),
                                 report=copy.deepcopy(self.report, memo), tokenizer=self.tokenizer,
-                                bos_guard=copy.deepcopy(self.bos_guard, memo))  # fmt: skip
+                                hooks=copy.deepcopy(self.hooks, memo))  # fmt: skip
 
 
 def state_of(model: nn.Module) -> PrefixQuantState | None:

@@ -38,7 +38,7 @@ def test_quantize_fills_the_state(quantized):
 def test_round_trip_through_dict(quantized):
     state = state_of(quantized[0])
     back = PrefixQuantState.from_dict(state.to_dict())
-    assert back.to_dict() == state.to_dict() and back.tokenizer is None and back.bos_guard is None
+    assert back.to_dict() == state.to_dict() and back.tokenizer is None and back.hooks == []
 
 
 def test_quantizing_twice_is_refused(quantized):

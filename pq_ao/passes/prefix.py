@@ -1,5 +1,6 @@
 """The prefix pass: build the prefix KV and install it, so that every sequence attends to the prefix and starts at
-position P (the rotary module wrapped in `PrefixPositions`, a BOS guard on the model's input).
+position P (the rotary module wrapped in `PrefixPositions`; a forward pre-hook that gives each row of a padded batch
+the positions it has alone, from the attention mask; a BOS guard on the model's input).
 
 Invariant: for input x, the prefixed model's logits equal the un-prefixed model's logits on `prefix + x` at the
 positions of x (in full precision), and the prefix KV is never quantized.
@@ -54,12 +55,35 @@ def install_prefix(model: nn.Module, attns: list[PrefixAttention], prefix_ids: l
 
 
 def attach_prefix_positions(model: nn.Module, prefix_ids: list[int]) -> None:
-    """Real tokens start at position len(prefix); inputs starting with the prefix's BOS are rejected."""
+    """Real tokens start at position len(prefix), each row of a padded batch at its first real token; inputs
+    starting with the prefix's BOS are rejected."""
     owner, name = rotary_owner(model)
     setattr(owner, name, PrefixPositions(getattr(owner, name), len(prefix_ids)))
     state = require_state(model)
     state.prefix_ids = list(prefix_ids)
-    state.bos_guard = model.register_forward_pre_hook(_bos_guard(prefix_ids[-1]), with_kwargs=True)
+    state.hooks = [model.register_forward_pre_hook(_positions_from_mask, with_kwargs=True),
+                   model.register_forward_pre_hook(_bos_guard(prefix_ids[-1]), with_kwargs=True)]  # fmt: skip
+
+
+def _positions_from_mask(_module, args, kwargs):
+    """Forward pre-hook: without `position_ids`, HF numbers the tokens of every row 0..T-1 whatever its padding; a
+    full-precision model does not mind (RoPE sees only differences), but the prefix sits at absolute positions
+    0..P-1, so left padding would open a gap between it and the text. From a 2-D attention mask (over past + new
+    tokens, as HF takes it) each row's tokens get `cumsum(mask) - 1`: the positions it has alone. Unpadded rows get
+    0..T-1 as before; `generate` passes its own position_ids (the same numbers), which are kept. No data-dependent
+    branch: the same ops run eager, compiled and exported."""
+    if kwargs.get("position_ids") is not None or len(args) > 2:
+        return None
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if mask is None or mask.dim() != 2:
+        return None
+    x = kwargs.get("input_ids", args[0] if args else None)
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None:
+        return None
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -x.shape[1]:]
+    return args, {**kwargs, "position_ids": positions}
 
 
 def _tracing() -> bool:
@@ -102,9 +126,9 @@ def _first_real_token(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Ten
 
 def remove_prefix(model: nn.Module, attns: list[PrefixAttention]) -> None:
     state = require_state(model)
-    if state.bos_guard is not None:
-        state.bos_guard.remove()
-        state.bos_guard = None
+    for hook in state.hooks:
+        hook.remove()
+    state.hooks = []
     for a in attns:
         a.set_prefix(None, None)
     owner, name = rotary_owner(model)

@@ -57,3 +57,34 @@ def test_padded_batch_sees_the_prefix(rotated):
     finally:
         remove_prefix(model, attns)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_left_padding_needs_no_position_ids(rotated):
+    """A plain forward of a left-padded batch with only a mask (what batched scoring does): each row gets the
+    positions it has alone, so the padded row scores like the unpadded one (issue 18; before: the padding opened a
+    gap between the prefix and the text). Right padding, and a continuation through the cache, too."""
+    model, _, attns = rotated
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randint(3, 512, (1, 20), generator=gen)
+    other = torch.randint(3, 512, (1, 25), generator=gen)
+    batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), x], 1), other])
+    mask = torch.ones_like(batch)
+    mask[0, :5] = 0
+    install_prefix(model, attns, [13, 29, 1])
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=x, use_cache=False).logits
+            other_alone = model(input_ids=other, use_cache=False).logits
+            got = model(input_ids=batch, attention_mask=mask, use_cache=False).logits
+            right = model(input_ids=torch.cat([x, torch.zeros(1, 5, dtype=torch.long)], 1),
+                          attention_mask=torch.cat([torch.ones(1, 20), torch.zeros(1, 5)], 1).long(),
+                          use_cache=False).logits  # fmt: skip
+            first = model(input_ids=batch[:, :15], attention_mask=mask[:, :15], use_cache=True)
+            rest = model(input_ids=batch[:, 15:], attention_mask=mask, use_cache=True,
+                         **{cache_kwarg(model): output_cache(first)}).logits  # fmt: skip
+    finally:
+        remove_prefix(model, attns)
+    torch.testing.assert_close(got[:1, 5:], alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1:], other_alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(right[:, :20], alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rest[:1], got[:1, 15:], rtol=1e-4, atol=1e-4)
