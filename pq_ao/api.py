@@ -18,7 +18,7 @@ from pq_ao.calibration.outliers import find_prefix, top_median_ratio
 from pq_ao.calibration.sites import block_sites
 from pq_ao.config import PrefixQuantConfig
 from pq_ao.kernels import enable_compile_memo
-from pq_ao.passes import attach_attention, find_structure, fold_norms, rotate_model
+from pq_ao.passes import attach_attention, check_attention, find_structure, fold_norms, rotate_model
 from pq_ao.passes.prefix import install_prefix
 from pq_ao.state import PrefixQuantState, QuantizationReport, require_state, state_of
 
@@ -84,6 +84,7 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
     if state.quantized:
         raise ValueError(f"this model is already quantized by pq_ao ({state.config.name}): quantize the "
                          "full-precision model (pq_ao.load_model) instead")
+    check_attention(model, prefix=config.prefix)  # before anything is changed
     t = {"start": time.perf_counter()}
 
     def lap(name: str) -> None:

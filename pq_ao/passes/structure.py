@@ -465,6 +465,36 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
 
 
+def check_attention(model: nn.Module, prefix: bool) -> None:
+    """Refuse the attention variants PrefixAttention would compute differently from the model (StructureError naming
+    the feature), before anything is changed:
+    - attention logit softcapping (Gemma 2): PrefixAttention computes plain softmax attention;
+    - with a prefix, sliding-window attention (Mistral v0.1, local layers of Gemma / Qwen layer_types): the prefix
+      keys would stay visible to queries past the window, where the tokens they stand for would have left it.
+    Scaled queries (`attn.scaling`, Gemma's query_pre_attn_scalar) and q/k norms are taken from the module itself."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    get_text = getattr(config, "get_text_config", None)
+    cfg = get_text() if callable(get_text) else config
+    cap = getattr(cfg, "attn_logit_softcapping", None)
+    if cap:
+        raise StructureError(f"attention logit softcapping (config.attn_logit_softcapping={cap}) is not supported: "
+                             "pq_ao's attention computes plain softmax attention")  # fmt: skip
+    if not prefix:
+        return  # without a prefix the window reaches PrefixAttention through HF's mask
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None) or []
+    active = window is not None and getattr(cfg, "use_sliding_window", True) is not False and (
+        window < getattr(cfg, "max_position_embeddings", float("inf")) or "sliding_attention" in layer_types)
+    if active:
+        raise StructureError(
+            f"sliding-window attention (config.sliding_window={window}, max_position_embeddings="
+            f"{getattr(cfg, 'max_position_embeddings', None)}) is not supported with a prefix: the prefix would stay "
+            "visible to queries past the window, which changes what the model computes. Quantize without the prefix "
+            "(prefix=False), or use a checkpoint without a window")
+
+
 def decoder(model: nn.Module) -> nn.Module:
     """The base decoder of a causal LM (no LM head): cheaper to run when only internals are observed."""
     get = getattr(model, "get_decoder", None)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pq_ao.passes import StructureError, find_blocks, find_structure
+from pq_ao.passes import StructureError, check_attention, find_blocks, find_structure
 
 
 def _expect_common(s, hidden, n_blocks):
@@ -137,3 +137,28 @@ def test_final_norm_must_be_rmsnorm(stories_copy):
     stories_copy.model.norm = nn.LayerNorm(64)
     with pytest.raises(StructureError, match=r"norm '' \(LayerNorm\) is not an RMSNorm"):
         find_structure(stories_copy)
+
+
+def test_sliding_window_with_a_prefix_is_refused(tiny):
+    """A Mistral-style window shorter than the context: with the prefix installed the model would compute another
+    function past the window (issue 18: relative logit error 0.42), so quantize_ refuses it before touching the
+    model; without a prefix the window reaches the attention through HF's mask, and it is accepted."""
+    import pq_ao
+
+    model = tiny("mistral")  # sliding_window 6 < max_position_embeddings 64
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(3, 96, (2, 16))
+    with pytest.raises(StructureError, match="sliding-window attention .* not supported with a prefix"):
+        pq_ao.quantize_(model, pq_ao.prefixquant_w4a4(calibration=ids, n_samples=2, grid_samples=1))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
+    pq_ao.quantize_(model, pq_ao.quarot_w4a4(calibration=ids, n_samples=2, grid_samples=1))  # no prefix: fine
+    no_window = tiny("mistral")
+    no_window.config.sliding_window = None
+    check_attention(no_window, prefix=True)
+
+
+def test_logit_softcapping_is_refused(tiny):
+    model = tiny("llama_eager")
+    model.config.attn_logit_softcapping = 50.0
+    with pytest.raises(StructureError, match="softcapping"):
+        check_attention(model, prefix=False)
