@@ -4,8 +4,10 @@ A directory holds the HF `config.json` (as converted: untied embeddings; its `qu
 `PrefixQuantState`: the PrefixQuant config, prefix ids, rotation seeds, source and report), the tokenizer,
 `model.safetensors` (plain tensors; an `IntxLinearWeight` `<fqn>.weight` is stored as its inner tensors
 `<fqn>.weight.qdata`, `.scale`, `.act_scale`, `.had_k`, `.act_clip`; the prefix KV and K/V scales are ordinary
-buffers) and `pq_ao_config.json` (the format version, and per module how to rebuild it). Format 1 directories
-(the state in `pq_ao_config.json`) still load.
+buffers) and `pq_ao_config.json` (the format version, per module how to rebuild it, and the dtype of every
+non-persistent float buffer, such as the rotary `inv_freq`, which the model rebuilds in its own dtype: a model cast
+with `.to(bfloat16)` had it in bf16, and the load must give it back in bf16). Format 1 directories (the state in
+`pq_ao_config.json`) still load.
 
 Invariant: `load_quantized(save_quantized(m))` gives bit-identical logits.
 """
@@ -29,7 +31,7 @@ FORMAT = 2
 READABLE_FORMATS = (1, 2)
 CONFIG_FILE = "pq_ao_config.json"
 WEIGHTS_FILE = "model.safetensors"
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 
 
 def is_quantized_dir(path: str | Path) -> bool:
@@ -66,7 +68,10 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     if not linears:
         raise ValueError("the model has no IntxLinearWeight: quantize it with pq_ao.quantize_ first")
     state = require_state(model)
-    meta = {"format": FORMAT, "linears": linears, "attention": attention}
+    persistent = set(model.state_dict())
+    buffer_dtypes = {name: str(b.dtype).removeprefix("torch.") for name, b in model.named_buffers()
+                     if name not in persistent and b.is_floating_point()}  # fmt: skip
+    meta = {"format": FORMAT, "linears": linears, "attention": attention, "buffer_dtypes": buffer_dtypes}
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt", "pq_ao_format": str(FORMAT)})
     model.config.save_pretrained(path)  # with the state, as quantization_config
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
@@ -128,6 +133,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu"):
         raise ValueError(f"{path}: weights do not match the model (missing {missing}, unexpected {result.unexpected_keys})")
     if state.prefix_ids:
         attach_prefix_positions(model, state.prefix_ids)
+    _restore_buffer_dtypes(model, meta.get("buffer_dtypes", {}))
     model = model.to(device).eval()
     enable_compile_memo()
     tokenizer = None
@@ -137,6 +143,18 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu"):
         tokenizer = AutoTokenizer.from_pretrained(path)
         state.tokenizer = tokenizer
     return model, tokenizer
+
+
+def _restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
+    """Non-persistent buffers come back in the dtype they had when saved (the constructor rebuilt them in its own:
+    the same values before any cast, so casting them again gives the saved tensors bit for bit)."""
+    for name, dtype in dtypes.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        buf = getattr(module, attr, None)
+        if not isinstance(buf, torch.Tensor):
+            raise ValueError(f"the saved model had a buffer {name} that this model does not build")
+        module._buffers[attr] = buf.to(_DTYPES.get(dtype, buf.dtype))
 
 
 def _saved_state(meta: dict, quantization_config) -> PrefixQuantState:

@@ -96,3 +96,17 @@ def test_a_format_1_directory_still_loads(saved, tmp_path):
     ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_cast_model_round_trips_bit_exactly(saved, tmp_path, dtype):
+    """Quantized in fp32, cast with .to(dtype), saved, loaded: the same logits (issue 18: .to() also casts the
+    rotary inv_freq, a non-persistent buffer the load rebuilt in fp32; logits were off by up to 12)."""
+    import copy
+
+    model = copy.deepcopy(saved[0]).to(dtype)
+    pq_ao.save_quantized(model, tmp_path / "m")
+    loaded, _ = pq_ao.load_quantized(tmp_path / "m")
+    ids = torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
