@@ -9,11 +9,16 @@ non-persistent float buffer, such as the rotary `inv_freq`, which the model rebu
 with `.to(bfloat16)` had it in bf16, and the load must give it back in bf16). Format 1 directories (the state in
 `pq_ao_config.json`) still load.
 
-Invariant: `load_quantized(save_quantized(m))` gives bit-identical logits.
+Invariants: `load_quantized(save_quantized(m))` gives bit-identical logits; a directory verifies itself: the
+recipe holds a SHA-256 of the weights file and of every entry that describes the model (each linear's and attention
+module's spec, each field of the quantization state, the HF config), checked before anything is built, and the
+fields are checked against the tensors they describe (code dtypes and shapes, scales present for the act mode,
+prefix ids against the prefix KV, the layer count). A mismatch is a ValueError naming what differs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -74,6 +79,7 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     meta = {"format": FORMAT, "linears": linears, "attention": attention, "buffer_dtypes": buffer_dtypes}
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt", "pq_ao_format": str(FORMAT)})
     model.config.save_pretrained(path)  # with the state, as quantization_config
+    meta["digests"] = _digests(path, meta)
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
     tokenizer = tokenizer or state.tokenizer
     if tokenizer is not None:
@@ -92,8 +98,87 @@ def _empty_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_quantized(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild a model saved by `save_quantized`; returns `(model, tokenizer or None)`."""
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_json(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _hf_config_fields(path: Path) -> dict:
+    """config.json without the state (digested field by field) and the writer's transformers version."""
+    config = json.loads((path / "config.json").read_text())
+    return {k: v for k, v in config.items() if k not in ("quantization_config", "transformers_version")}
+
+
+def _digests(path: Path, meta: dict) -> dict[str, str]:
+    """SHA-256 per described entry: the weights file, each linear / attention spec, the buffer dtypes, each field
+    of the quantization state and the HF config."""
+    out = {WEIGHTS_FILE: _sha256_file(path / WEIGHTS_FILE), "buffer_dtypes": _sha256_json(meta["buffer_dtypes"]),
+           "config.json": _sha256_json(_hf_config_fields(path))}  # fmt: skip
+    for section in ("linears", "attention"):
+        out.update({f"{section}[{name!r}]": _sha256_json(spec) for name, spec in meta[section].items()})
+    state = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    out.update({f"quantization_config[{key!r}]": _sha256_json(v) for key, v in state.items()})
+    return out
+
+
+def verify_dir(path: str | Path) -> None:
+    """Check a saved directory against the digests it recorded (ValueError naming the first entry that differs).
+    Format 1 directories recorded none and are not checked."""
+    path = Path(path)
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    want = meta.get("digests")
+    if want is None:
+        return
+    got = _digests(path, meta)
+    for key in sorted(set(want) | set(got)):
+        if want.get(key) != got.get(key):
+            what = ("was added" if key not in want else "is missing") if want.get(key) is None or got.get(key) is None \
+                else "changed since it was saved"  # fmt: skip
+            raise ValueError(f"{path}: {key} {what} (its SHA-256 does not match the one recorded in {CONFIG_FILE}): "
+                             "the checkpoint is corrupted or was edited; save the model again")
+
+
+def _check_against_tensors(path: Path, meta: dict, state: PrefixQuantState, tensors: dict, hf_config) -> None:
+    """The fields agree with the tensors they describe (what a digest cannot say when the directory was written by
+    hand): code dtypes and shapes, the scales an act mode needs, the prefix KV length, the layer count."""
+    layers = {int(name.split(".")[2]) for name in meta["linears"] if name.startswith("model.layers.")}
+    n = getattr(hf_config, "num_hidden_layers", None)
+    if layers and n is not None and n != max(layers) + 1:
+        raise ValueError(f"{path}: config.json says num_hidden_layers={n}, the checkpoint holds {max(layers) + 1} "
+                         "quantized layers")  # fmt: skip
+    for name, spec in meta["attention"].items():
+        p = spec["prefix_len"]
+        if p != len(state.prefix_ids):
+            raise ValueError(f"{path}: attention[{name!r}].prefix_len={p}, but the state's prefix_ids has "
+                             f"{len(state.prefix_ids)} tokens")  # fmt: skip
+        k = tensors.get(f"{name}.prefix_k")
+        if p and (k is None or k.shape[2] != p):
+            raise ValueError(f"{path}: attention[{name!r}].prefix_len={p}, the saved prefix_k is "
+                             f"{None if k is None else list(k.shape)}")  # fmt: skip
+    for name, spec in meta["linears"].items():
+        key = f"{name}.weight"
+        q = tensors.get(f"{key}.qdata")
+        if q is None:
+            raise ValueError(f"{path}: linears[{name!r}] has no {key}.qdata in {WEIGHTS_FILE}")
+        want = (torch.uint8, spec["shape"][1] // 2) if spec["w_bits"] == 4 else (torch.int8, spec["shape"][1])
+        if q.dtype != want[0] or q.shape[-1] != want[1]:
+            raise ValueError(f"{path}: linears[{name!r}].w_bits={spec['w_bits']} does not fit its codes "
+                             f"({q.dtype} {list(q.shape)})")  # fmt: skip
+        if (f"{key}.act_scale" in tensors) != (spec["act_mode"] == "static"):
+            raise ValueError(f"{path}: linears[{name!r}].act_mode={spec['act_mode']!r} does not fit its tensors "
+                             "(a static act scale is present exactly for act_mode 'static')")
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu", verify: bool = True):
+    """Rebuild a model saved by `save_quantized`; returns `(model, tokenizer or None)`. `verify` (default) checks
+    the directory against its digests first (`verify_dir`; a few seconds per GB of weights)."""
     path = Path(path)
     if not is_quantized_dir(path):
         raise FileNotFoundError(f"{path} holds no {CONFIG_FILE}: not a pq_ao quantized model directory")
@@ -101,11 +186,14 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu"):
     if meta.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path}: pq_ao format {meta.get('format')} is not supported (this pq_ao reads "
                          f"{READABLE_FORMATS})")
+    if verify:
+        verify_dir(path)
     tensors = load_file(str(path / WEIGHTS_FILE))
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(path)
     state = _saved_state(meta, getattr(hf_config, "quantization_config", None))
+    _check_against_tensors(path, meta, state, tensors, hf_config)
     hf_config.quantization_config = state
     model = _empty_model(hf_config)
     for name, spec in meta["attention"].items():

@@ -87,6 +87,7 @@ def test_a_format_1_directory_still_loads(saved, tmp_path):
     state = state_of(model)
     meta = json.loads((old / CONFIG_FILE).read_text())
     meta.update(format=1, pq_ao=state.config.to_dict(), prefix_ids=state.prefix_ids, rotation=state.rotation)
+    del meta["digests"], meta["buffer_dtypes"]  # format 1 recorded neither
     (old / CONFIG_FILE).write_text(json.dumps(meta))
     config = json.loads((old / "config.json").read_text())
     del config["quantization_config"]
@@ -110,3 +111,65 @@ def test_a_cast_model_round_trips_bit_exactly(saved, tmp_path, dtype):
     ids = torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+
+def _copy(path, tmp_path):
+    import shutil
+
+    dst = tmp_path / "edited"
+    shutil.copytree(path, dst)
+    return dst
+
+
+def _edit_json(path, fn):
+    d = json.loads(path.read_text())
+    fn(d)
+    path.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("edit, names", [
+    ("flip", "model.safetensors changed"),
+    ("a_bits", "linears['model.layers.0.self_attn.q_proj'] changed"),
+    ("kv_bits", "attention['model.layers.1.self_attn'] changed"),
+    ("rotate_qk", "attention['model.layers.0.self_attn'] changed"),
+    ("prefix", "quantization_config['prefix_ids'] changed"),
+    ("layers", "config.json changed"),
+])
+def test_an_edited_checkpoint_is_refused_naming_what_changed(saved, tmp_path, edit, names):
+    """Issue 18: flipped bytes in the weights, or edits of the JSON, loaded silently and changed the function."""
+    _, path = saved
+    d = _copy(path, tmp_path)
+    if edit == "flip":
+        data = bytearray((d / "model.safetensors").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (d / "model.safetensors").write_bytes(bytes(data))
+    elif edit == "a_bits":
+        _edit_json(d / CONFIG_FILE, lambda m: m["linears"]["model.layers.0.self_attn.q_proj"].update(a_bits=8))
+    elif edit == "kv_bits":
+        _edit_json(d / CONFIG_FILE, lambda m: m["attention"]["model.layers.1.self_attn"]["k_quant"].update(bits=8))
+    elif edit == "rotate_qk":
+        _edit_json(d / CONFIG_FILE, lambda m: m["attention"]["model.layers.0.self_attn"].update(rotate_qk=False))
+    elif edit == "prefix":
+        _edit_json(d / "config.json", lambda c: c["quantization_config"].update(prefix_ids=[]))
+    else:
+        _edit_json(d / "config.json", lambda c: c.update(num_hidden_layers=c["num_hidden_layers"] + 1))
+    with pytest.raises(ValueError, match=names.replace("[", "\\[").replace("]", "\\]")):
+        pq_ao.load_quantized(d)
+
+
+def test_fields_are_checked_against_the_tensors_without_digests(saved, tmp_path):
+    """With verify=False (or a directory written by hand) the fields still have to fit the tensors."""
+    _, path = saved
+    d = _copy(path, tmp_path)
+    _edit_json(d / "config.json", lambda c: c.update(num_hidden_layers=c["num_hidden_layers"] + 1))
+    with pytest.raises(ValueError, match="num_hidden_layers=6, the checkpoint holds 5"):
+        pq_ao.load_quantized(d, verify=False)
+    d2 = _copy(path, tmp_path / "b")
+    _edit_json(d2 / "config.json", lambda c: c["quantization_config"].update(prefix_ids=[]))
+    with pytest.raises(ValueError, match="prefix_len=.*prefix_ids has 0 tokens"):
+        pq_ao.load_quantized(d2, verify=False)
+    d3 = _copy(path, tmp_path / "c")
+    _edit_json(d3 / CONFIG_FILE, lambda m: m["linears"]["model.layers.0.mlp.up_proj"].update(w_bits=8))
+    with pytest.raises(ValueError, match="w_bits=8 does not fit its codes"):
+        pq_ao.load_quantized(d3, verify=False)
