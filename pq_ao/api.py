@@ -7,6 +7,7 @@ tokens -> prefix KV -> block-wise statistics, grid search and conversion. In pla
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -76,6 +77,18 @@ def _split_ids(ids: torch.Tensor, config: PrefixQuantConfig) -> tuple[torch.Tens
     return ids[: config.n_samples], ids[: config.grid_samples]
 
 
+def _calibration_used(config: PrefixQuantConfig, outlier_ids: torch.Tensor, grid_ids: torch.Tensor) -> dict:
+    """The calibration sizes actually used (token ids are used as given); a warning where they are fewer or shorter
+    than the config asks."""
+    used = {"n_samples": int(outlier_ids.shape[0]), "seqlen": int(outlier_ids.shape[1]),
+            "grid_samples": int(grid_ids.shape[0]), "grid_seqlen": int(grid_ids.shape[1])}  # fmt: skip
+    short = [f"{k} {v} < {getattr(config, k)}" for k, v in used.items() if v < getattr(config, k)]
+    if short:
+        warnings.warn(f"calibration smaller than the config asks ({', '.join(short)}): quantizing with what was "
+                      "given (the report records the sizes used)", stacklevel=3)  # fmt: skip
+    return used
+
+
 @torch.no_grad()
 def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> QuantizationReport:
     """Run the whole PrefixQuant pipeline on `model` in place; returns the report (also in the model's state,
@@ -98,6 +111,7 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
         tokenizer = _optional_tokenizer(model)
     model.eval()
     outlier_ids, grid_ids = calibration_data(config, tokenizer)
+    used = _calibration_used(config, outlier_ids, grid_ids)
     lap("data")
     structure = find_structure(model)
     fold_norms(model, structure)
@@ -118,7 +132,7 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
         prefix.ratio_after = top_median_ratio(stats.down_token_max_tensor()).tolist()
     lap("grid_search")
     t.pop("start"), t.pop("_last")
-    report = QuantizationReport(config=config.to_dict(), prefix=prefix, blocks=plans, seconds=t)
+    report = QuantizationReport(config=config.to_dict(), prefix=prefix, blocks=plans, seconds=t, calibration=used)
     enable_compile_memo()  # the model now runs our kernels: compiling it should not repeat their analysis
     state.config, state.report = config, report
     return report

@@ -32,6 +32,7 @@ class QuantizationReport:
     prefix: PrefixReport | None
     blocks: list[BlockPlan] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, int] = field(default_factory=dict)  # the sizes used (n_samples, seqlen, grid_*)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +48,7 @@ class QuantizationReport:
             p["outlier_token_counts"] = {int(k): v for k, v in p.get("outlier_token_counts", {}).items()}
             prefix = PrefixReport(**p)
         return cls(config=d["config"], prefix=prefix, blocks=[BlockPlan(**b) for b in d.get("blocks", [])],
-                   seconds=dict(d.get("seconds", {})))  # fmt: skip
+                   seconds=dict(d.get("seconds", {})), calibration=dict(d.get("calibration", {})))  # fmt: skip
 
     def summary(self) -> str:
         lines = [f"pq_ao {restore_config(self.config).name}: {sum(self.seconds.values()):.1f} s"]

@@ -179,3 +179,15 @@ def test_torchao_registry_refuses_a_single_linear():
 def test_config_validation(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         prefixquant_w4a4(**kwargs)
+
+
+def test_calibration_smaller_than_asked_warns_and_is_recorded():
+    """Token ids with fewer rows / shorter windows than the config asks: quantized with what was given, a warning,
+    and the report holds the sizes used (issue 18: it recorded the requested ones)."""
+    model, _ = pq_ao.load_model("stories260k", dtype=torch.float32)
+    ids = torch.randint(3, 512, (3, 48), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="n_samples 3 < 8, seqlen 48 < 64"):
+        report = pq_ao.quantize_(model, prefixquant_w4a4(calibration=ids, n_samples=8, seqlen=64, grid_samples=2,
+                                                         grid_seqlen=32))  # fmt: skip
+    assert report.calibration == {"n_samples": 3, "seqlen": 48, "grid_samples": 2, "grid_seqlen": 48}
+    assert report.config["n_samples"] == 8  # what was asked stays in the config
