@@ -19,7 +19,7 @@ from pq_ao.calibration.outliers import find_prefix, top_median_ratio
 from pq_ao.calibration.sites import block_sites
 from pq_ao.config import PrefixQuantConfig
 from pq_ao.kernels import enable_compile_memo
-from pq_ao.passes import attach_attention, check_attention, find_structure, fold_norms, rotate_model
+from pq_ao.passes import attach_attention, check_supported, find_structure, fold_norms, rotate_model
 from pq_ao.passes.prefix import install_prefix
 from pq_ao.state import PrefixQuantState, QuantizationReport, require_state, state_of
 
@@ -77,6 +77,16 @@ def _split_ids(ids: torch.Tensor, config: PrefixQuantConfig) -> tuple[torch.Tens
     return ids[: config.n_samples], ids[: config.grid_samples]
 
 
+def _check_token_ids(model: nn.Module, *batches: torch.Tensor) -> None:
+    """Calibration token ids inside the vocabulary (checked before the model is touched)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    for ids in batches:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary), got ids in "
+                             f"[{lo}, {hi}]")
+
+
 def _calibration_used(config: PrefixQuantConfig, outlier_ids: torch.Tensor, grid_ids: torch.Tensor) -> dict:
     """The calibration sizes actually used (token ids are used as given); a warning where they are fewer or shorter
     than the config asks."""
@@ -97,7 +107,7 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
     if state.quantized:
         raise ValueError(f"this model is already quantized by pq_ao ({state.config.name}): quantize the "
                          "full-precision model (pq_ao.load_model) instead")
-    check_attention(model, prefix=config.prefix)  # before anything is changed
+    check_supported(model, prefix=config.prefix)  # before anything is changed
     t = {"start": time.perf_counter()}
 
     def lap(name: str) -> None:
@@ -111,23 +121,33 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
         tokenizer = _optional_tokenizer(model)
     model.eval()
     outlier_ids, grid_ids = calibration_data(config, tokenizer)
+    _check_token_ids(model, outlier_ids, grid_ids)
     used = _calibration_used(config, outlier_ids, grid_ids)
+    structure = find_structure(model)  # reads the model (one traced forward), changes nothing
     lap("data")
-    structure = find_structure(model)
-    fold_norms(model, structure)
-    if config.rotate:
-        rotate_model(model, structure, seed=config.seed)
-    else:
-        attach_attention(model, structure, rotate_qk=False)
-    blocks = block_sites(model, structure)
-    lap("rotate")
-    prefix = None
-    if config.prefix:
-        downs = [b.down for b in blocks]
-        prefix = find_prefix(model, downs, outlier_ids, tokenizer, config.eta, config.max_prefix_len)
-        install_prefix(model, [b.attn for b in blocks], prefix.prefix_ids)
-    lap("prefix")
-    plans, stats = calibrate_blocks(model, blocks, grid_ids, config)
+    stage = "folding the norms"
+    try:  # from here on the model changes: a failure says in what state it is left
+        fold_norms(model, structure)
+        stage = "rotating"
+        if config.rotate:
+            rotate_model(model, structure, seed=config.seed)
+        else:
+            attach_attention(model, structure, rotate_qk=False)
+        blocks = block_sites(model, structure)
+        lap("rotate")
+        prefix = None
+        stage = "finding and installing the prefix"
+        if config.prefix:
+            downs = [b.down for b in blocks]
+            prefix = find_prefix(model, downs, outlier_ids, tokenizer, config.eta, config.max_prefix_len)
+            install_prefix(model, [b.attn for b in blocks], prefix.prefix_ids)
+        lap("prefix")
+        stage = "calibrating and converting the blocks"
+        plans, stats = calibrate_blocks(model, blocks, grid_ids, config)
+    except Exception as e:
+        raise RuntimeError(f"quantize_ failed while {stage} ({type(e).__name__}: {e}); the model is left partly "
+                           f"transformed (norms folded{', rotated' if stage != 'folding the norms' else ''}, "
+                           "possibly some blocks converted): load it again before retrying") from e  # fmt: skip
     if prefix is not None:
         prefix.ratio_after = top_median_ratio(stats.down_token_max_tensor()).tolist()
     lap("grid_search")

@@ -91,6 +91,31 @@ def resolve_model(name_or_dir: str, dtype: torch.dtype, device: str = "cpu"):
     return load_model(name_or_dir, dtype=dtype, device=device)
 
 
+def _check_writable_dir(path: Path) -> None:
+    """Refuse an output directory that cannot be written, before the work that would fill it."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".pq_ao_write_probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to --out {path}: {e.strerror or e}") from e
+
+
+def _warn_long_seqlen(model, seqlen: int) -> None:
+    """One line on stderr when the windows go past the positions the model was trained on."""
+    from pq_ao.state import state_of
+
+    n = getattr(model.config, "max_position_embeddings", None)
+    state = state_of(model)
+    prefix = len(state.prefix_ids) if state else 0
+    if n is not None and seqlen + prefix > n:
+        print(f"pq-ao eval: warning: --seqlen {seqlen}{f' + {prefix} prefix tokens' if prefix else ''} exceeds "
+              f"the model's max_position_embeddings ({n}): positions past it were never trained", file=sys.stderr)
+
+
 def _parse_tasks(spec: str) -> list[str]:
     from pq_ao.eval import zeroshot
 
@@ -170,6 +195,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
     }
     report["wall_seconds"]["load_model"] = time.perf_counter() - start
+    if any(t in PPL_TASKS for t in tasks):
+        _warn_long_seqlen(model, args.seqlen)
     save()
     for t in (t for t in tasks if t in PPL_TASKS):
         res = perplexity.perplexity(
@@ -221,6 +248,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = preset(args.config, calibration=args.calibration, seed=args.seed,
                     grid_search=not args.no_grid_search, **{k: v for k, v in overrides.items() if v is not None})  # fmt: skip
     start = time.perf_counter()
+    _check_writable_dir(args.out)
     model, tokenizer = resolve_model(args.model, resolve_dtype(args.dtype, args.device), args.device)
     report = pq_ao.quantize_(model, config, tokenizer=tokenizer)
     pq_ao.save_quantized(model, args.out, tokenizer)

@@ -99,9 +99,11 @@ def _rewrap_plain(gguf_model):
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
-    """Load a causal LM and its tokenizer.
+    """Load a causal LM and its tokenizer: `(model, tokenizer)`, the model in eval mode on `device`.
 
     `name_or_path`: one of `KNOWN_MODELS`, a local HF directory, a `.gguf` file, or a hub id (online only).
+    `dtype` defaults to bfloat16 (pass torch.float32 on CPUs without AVX-512 BF16, where bf16 matmuls are slow;
+    `pq-ao` picks fp32 on the CPU and bf16 on CUDA).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,7 +122,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.bfloat16, device: s
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a directory without config.json: not a HF model directory")
         if (path / "pq_ao_config.json").is_file():
-            raise ValueError(f"{path} holds a pq_ao quantized model: load it with pq_ao.load_quantized")
+            raise ValueError(f"{path} holds a model already quantized by pq_ao: load it with pq_ao.load_quantized "
+                             "(and quantize the full-precision model, not this one)")
         model, tok = AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
     elif "/" in key and not path.exists() and not os.environ.get("HF_HUB_OFFLINE"):
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)

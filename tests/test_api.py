@@ -191,3 +191,23 @@ def test_calibration_smaller_than_asked_warns_and_is_recorded():
                                                          grid_seqlen=32))  # fmt: skip
     assert report.calibration == {"n_samples": 3, "seqlen": 48, "grid_samples": 2, "grid_seqlen": 48}
     assert report.config["n_samples"] == 8  # what was asked stays in the config
+
+
+def test_out_of_vocabulary_calibration_ids_fail_before_the_model_changes():
+    model, _ = pq_ao.load_model("stories260k", dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(3, 512, (2, 32))
+    ids[1, 5] = 700  # the vocabulary has 512 tokens
+    with pytest.raises(ValueError, match=r"must lie in \[0, 512\).*\[\d+, 700\]"):
+        pq_ao.quantize_(model, prefixquant_w4a4(calibration=ids, n_samples=2, grid_samples=1))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and not state_of(model).quantized
+
+
+def test_a_failure_inside_the_pipeline_says_what_state_the_model_is_in(monkeypatch):
+    import pq_ao.api as api
+
+    model, _ = pq_ao.load_model("stories260k", dtype=torch.float32)
+    monkeypatch.setattr(api, "calibrate_blocks", lambda *a: (_ for _ in ()).throw(MemoryError("out of memory")))
+    with pytest.raises(RuntimeError, match="failed while calibrating.*MemoryError: out of memory.*load it again"):
+        pq_ao.quantize_(model, prefixquant_w4a4(calibration=torch.randint(3, 512, (2, 32)), n_samples=2,
+                                                grid_samples=1))  # fmt: skip

@@ -4,6 +4,8 @@ from pq_ao.cli import main
 
 
 def test_quantize_then_eval_the_saved_directory(tmp_path, capsys):
+    """Then: quantizing the saved directory again is refused in one line, and an eval window longer than the
+    model's positions warns."""
     out = tmp_path / "q"
     rc = main(["quantize", "--model", "stories260k", "--config", "w4a4kv4", "--out", str(out), "--n-samples", "4",
                "--calib-seqlen", "128", "--grid-samples", "1", "--grid-seqlen", "128", "--json", str(tmp_path / "q.json")])
@@ -16,9 +18,28 @@ def test_quantize_then_eval_the_saved_directory(tmp_path, capsys):
     assert rc == 0
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["results"]["wikitext2"]["n_windows"] == 3 and 1 < res["results"]["wikitext2"]["ppl"] < 2000
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(out), "--config", "w4a4kv4", "--out", str(tmp_path / "again")]) == 1
+    err = capsys.readouterr().err
+    assert "already quantized by pq_ao" in err and len(err.strip().splitlines()) == 1
+    assert main(["eval", "--model", str(out), "--tasks", "wikitext2", "--seqlen", "512", "--limit", "1"]) == 0
+    assert "exceeds the model's max_position_embeddings (512)" in capsys.readouterr().err
 
 
 def test_quantize_rejects_an_unknown_config(tmp_path, capsys):
     rc = main(["quantize", "--model", "stories260k", "--config", "w2a2", "--out", str(tmp_path / "x")])
     assert rc == 1
     assert "unknown config 'w2a2'" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_is_refused_before_quantizing(tmp_path, capsys, monkeypatch):
+    import pq_ao
+
+    monkeypatch.setattr(pq_ao, "quantize_", lambda *a, **k: (_ for _ in ()).throw(AssertionError("quantized")))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc = main(["quantize", "--model", "stories260k", "--config", "w4a4kv4", "--out", str(blocker / "q")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "cannot write to --out" in err and len(err.strip().splitlines()) == 1
+    rc = main(["quantize", "--model", "stories260k", "--config", "w4a4kv4", "--out", str(blocker)])
+    assert rc == 1 and "exists and is not a directory" in capsys.readouterr().err

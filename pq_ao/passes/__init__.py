@@ -5,7 +5,13 @@ from pq_ao.passes.capture import StructureError, capture_block, find_blocks, tra
 from pq_ao.passes.fold_norms import fold_norms, untie_embeddings
 from pq_ao.passes.prefix import attach_prefix_positions, install_prefix, remove_prefix
 from pq_ao.passes.rotate import attach_attention, rotate_model
-from pq_ao.passes.structure import BlockStructure, ModelStructure, check_attention, find_structure
+from pq_ao.passes.structure import (
+    BlockStructure,
+    ModelStructure,
+    check_attention,
+    check_supported,
+    find_structure,
+)
 
 __all__ = [
     "BlockStructure",
@@ -14,6 +20,7 @@ __all__ = [
     "attach_attention",
     "attach_prefix_positions",
     "check_attention",
+    "check_supported",
     "install_prefix",
     "remove_prefix",
     "capture_block",

@@ -280,6 +280,7 @@ def _residual_segments(g: _Graph, root: nn.Module) -> list[tuple[str, list[Node]
             found = [_describe(g, w) for _, w in adds]
             raise StructureError(
                 f"residual segment {len(segments)}: expected one residual add written by a linear, found {found}"
+                f"{_residual_hint(g, adds)}"
             )
         add, writer = adds[0]
         norms = {g.module(u) for u in users if u is not add}
@@ -293,6 +294,22 @@ def _residual_segments(g: _Graph, root: nn.Module) -> list[tuple[str, list[Node]
         segments.append((norm, _norm_readers(g, norm, out), writer))
         cur = add
     return segments
+
+
+def _residual_hint(g: _Graph, adds: list) -> str:
+    """What the unsupported residual structure most likely is, in a user's words."""
+    writers = [w for _, w in adds]
+    if len(writers) == 1:
+        module = g.module(writers[0]) or ""
+        if "norm" in module:
+            return (": a norm sits between the branch and the residual add (post-norm, as in OLMo 2 or Gemma 2), "
+                    "which pq_ao does not support")
+        if g.is_op(writers[0], _ADD):
+            return (": the attention and MLP branches are summed before the residual add (parallel blocks, as in "
+                    "Phi-2 or GPT-J), which pq_ao does not support")
+        return (": the branch is scaled or transformed before the residual add (a residual multiplier, as in "
+                "Granite), which pq_ao does not support")
+    return ": pq_ao supports pre-norm blocks, x + attn(norm(x)) then h + mlp(norm(h))"
 
 
 def _attention_core(g: _Graph) -> tuple[Node, Node, Node, Node, str]:
@@ -463,6 +480,26 @@ def _name_of(model: nn.Module, module: nn.Module | None, role: str) -> str:
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
+
+
+def check_supported(model: nn.Module, prefix: bool) -> None:
+    """Refuse, before anything is changed and in a user's words (StructureError), what pq_ao would quantize wrongly:
+    GPT-2-style Conv1D projections, LayerNorm blocks, residual / embedding multipliers (Granite), and the attention
+    variants of `check_attention`. Structures the graph analysis meets later get its own errors."""
+    kinds = {type(m).__name__ for m in model.modules()}
+    if "Conv1D" in kinds:
+        raise StructureError("GPT-2-style Conv1D projections are not supported: pq_ao quantizes decoders whose "
+                             "projections are nn.Linear (Llama, Qwen, Mistral families; README, Supported models)")
+    if any(isinstance(m, nn.LayerNorm) for m in model.modules()):
+        raise StructureError("LayerNorm (with mean subtraction) is not supported: the rotations and the norm folding "
+                             "need RMSNorm (Llama, Qwen, Mistral families; README, Supported models)")
+    config = getattr(model, "config", None)
+    for name in ("residual_multiplier", "embedding_multiplier", "logits_scaling"):  # (attention scaling is read
+        value = getattr(config, name, None)  # off the attention module itself)
+        if value is not None and value != 1:
+            raise StructureError(f"a {name.replace('_', ' ')} ({name}={value}, Granite-style scaling) is not "
+                                 "supported")  # fmt: skip
+    check_attention(model, prefix)
 
 
 def check_attention(model: nn.Module, prefix: bool) -> None:

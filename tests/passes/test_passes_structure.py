@@ -162,3 +162,27 @@ def test_logit_softcapping_is_refused(tiny):
     model.config.attn_logit_softcapping = 50.0
     with pytest.raises(StructureError, match="softcapping"):
         check_attention(model, prefix=False)
+
+
+def _tiny_family(family, **kw):
+    import transformers
+
+    base = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=100)
+    cfg = getattr(transformers, f"{family}Config")(**(base | kw))
+    return getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: __import__("transformers").GPT2LMHeadModel(__import__("transformers").GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64)), "GPT-2-style Conv1D"),
+    (lambda: _tiny_family("Phi"), "LayerNorm \\(with mean subtraction\\)"),
+    (lambda: _tiny_family("Granite", num_key_value_heads=2, residual_multiplier=0.5), "residual multiplier"),
+    (lambda: _tiny_family("Olmo2"), "post-norm, as in OLMo 2"),
+])
+def test_unsupported_architectures_are_named_in_words(make, match):
+    """Issue 18: the error names the unsupported feature, not a graph node."""
+    import pq_ao
+
+    ids = torch.randint(3, 90, (2, 16))
+    with pytest.raises(StructureError, match=match):
+        pq_ao.quantize_(make(), pq_ao.prefixquant_w4a4(calibration=ids, n_samples=2, grid_samples=1))
