@@ -235,6 +235,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     arg("--grid-samples", type=int, help="grid-search samples (default 2)"),
     arg("--grid-seqlen", type=int, help="grid-search sample length (default 512)"),
     arg("--no-grid-search", action="store_true", help="min-max scales only"),
+    arg("--gptq", action="store_true", help="round the weights with GPTQ (on the same per-channel grid)"),
     arg("--seed", type=int, default=0),
     arg("--json", type=Path, help="write the quantization report here"),
 )  # fmt: skip
@@ -245,8 +246,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     overrides = {"n_samples": args.n_samples, "seqlen": args.calib_seqlen, "grid_samples": args.grid_samples,
                  "grid_seqlen": args.grid_seqlen}  # fmt: skip
-    config = preset(args.config, calibration=args.calibration, seed=args.seed,
-                    grid_search=not args.no_grid_search, **{k: v for k, v in overrides.items() if v is not None})  # fmt: skip
+    config = preset(args.config, calibration=args.calibration, seed=args.seed, grid_search=not args.no_grid_search,
+                    gptq=args.gptq, **{k: v for k, v in overrides.items() if v is not None})  # fmt: skip
     start = time.perf_counter()
     _check_writable_dir(args.out)
     model, tokenizer = resolve_model(args.model, resolve_dtype(args.dtype, args.device), args.device)

@@ -30,6 +30,11 @@ class PrefixQuantConfig(AOBaseConfig):
     them for every activation site / every K and V quantizer (QuaRot's recipe: 0.9 and 0.95); None (default) lets
     the grid search choose them. Weights always get the per-channel search when `grid_search` is on.
 
+    `gptq`: the weights are rounded by GPTQ (`pq_ao.calibration.gptq`: error feedback through the inverse Hessian
+    of each linear's inputs, gathered per block on the quantized model's hidden states with the prefix present) on
+    the same per-channel grid (min-max, or the clip factors of the grid search); `gptq_damp` is the damping as a
+    fraction of the mean Hessian diagonal, `gptq_block_size` the columns per lazy batch update.
+
     Calibration data: a LongTensor of token ids `[n, seqlen]`, a list of strings (tokenized with the model's
     tokenizer), or a dataset name from `pq_ao.data` (default `"c4"`). `n_samples x seqlen` tokens feed the outlier
     search; `grid_samples x grid_seqlen` feed the block-wise calibration (min-max statistics and grid search).
@@ -52,6 +57,9 @@ class PrefixQuantConfig(AOBaseConfig):
     n_samples: int = 32
     seqlen: int = 512
     grid_search: bool = True
+    gptq: bool = False
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
     act_clip: float | None = None
     kv_clip: float | None = None
     grid_samples: int = 2
@@ -79,7 +87,9 @@ class PrefixQuantConfig(AOBaseConfig):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1] (or None to search it), got {value}")
-        for name in ("n_samples", "seqlen", "grid_samples", "grid_seqlen"):
+        if not 0 <= self.gptq_damp < 1:
+            raise ValueError(f"gptq_damp (a fraction of the mean Hessian diagonal) must be in [0, 1), got {self.gptq_damp}")
+        for name in ("n_samples", "seqlen", "grid_samples", "grid_seqlen", "gptq_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if isinstance(self.calibration, torch.Tensor):
@@ -101,9 +111,10 @@ class PrefixQuantConfig(AOBaseConfig):
     def name(self) -> str:
         kv = f"kv{self.kv_bits}" if self.kv_bits < 16 else ""
         base = f"w{self.w_bits}a{self.a_bits}{kv}"
+        gptq = "-gptq" if self.gptq else ""
         if self.act_mode == "dynamic" and not self.prefix:
-            return f"quarot-{base}"
-        return base if self.act_mode == "static" else f"{base}-dynamic"
+            return f"quarot-{base}{gptq}"
+        return (base if self.act_mode == "static" else f"{base}-dynamic") + gptq
 
     def to_dict(self) -> dict:
         """JSON-safe fields (a token-id tensor is recorded by its shape only)."""

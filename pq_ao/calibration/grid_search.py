@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pq_ao import quant_math
+from pq_ao.calibration.gptq import gptq_quantize
 from pq_ao.calibration.sites import SITES, BlockSites
 from pq_ao.calibration.stats import ActStats, effective_input
 from pq_ao.hf_compat import without_cache
@@ -183,6 +184,12 @@ class BlockCalibrator:
             clips = [weight_clip(lin.weight.detach(), grams[site], cfg.w_bits) if cfg.grid_search else None
                      for lin in lins]  # fmt: skip
             plan = SitePlan(act_absmax=self.stats.act[(bs.index, site)], weight_clips=clips)
+            if cfg.gptq:  # the same grid (scales), GPTQ's rounding through the site's Gram matrix
+                plan.weight_scales = [quant_math.per_channel_scale(lin.weight.detach().float(), cfg.w_bits, clip)
+                                      for lin, clip in zip(lins, clips)]  # fmt: skip
+                plan.weights = [gptq_quantize(lin.weight.detach().float(), grams[site], s, cfg.w_bits, cfg.gptq_damp,
+                                              cfg.gptq_block_size).float() * s[:, None]
+                                for lin, s in zip(lins, plan.weight_scales)]  # fmt: skip
             new = convert_site(lins, plan, w_bits=cfg.w_bits, a_bits=cfg.a_bits, act_mode=cfg.act_mode)
             for lin, mod in zip(lins, new):
                 if mod is not lin:  # an HadamardLinear (R4) became a plain Linear with R4 in its weight

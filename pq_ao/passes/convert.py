@@ -25,6 +25,8 @@ class SitePlan:
 
     act_absmax: float
     weight_clips: list[torch.Tensor | None]
+    weights: list[torch.Tensor | None] | None = None  # GPTQ: the weights to quantize instead (on their scales' grid)
+    weight_scales: list[torch.Tensor | None] | None = None  # GPTQ: the per-channel scales they were rounded with
 
 
 def convert_site(linears: list[nn.Module], plan: SitePlan, *, w_bits: int, a_bits: int, act_mode: str) -> list[nn.Module]:
@@ -36,9 +38,12 @@ def convert_site(linears: list[nn.Module], plan: SitePlan, *, w_bits: int, a_bit
     if static:
         absmax = torch.tensor([plan.act_absmax], device=linears[0].weight.device)
         scale = quant_math.scale_from_absmax(absmax, a_bits)
-    return [quantize_linear(lin, w_bits=w_bits, a_bits=a_bits, act_mode=act_mode, act_scale=scale, clip=clip,
-                            act_clip=1.0 if dynamic else None)
-            for lin, clip in zip(linears, plan.weight_clips)]  # fmt: skip
+    weights = plan.weights or [None] * len(linears)
+    scales = plan.weight_scales or [None] * len(linears)
+    return [quantize_linear(lin, w_bits=w_bits, a_bits=a_bits, act_mode=act_mode, act_scale=scale,
+                            clip=None if w_scale is not None else clip, act_clip=1.0 if dynamic else None,
+                            weight=weight, w_scale=w_scale)
+            for lin, clip, weight, w_scale in zip(linears, plan.weight_clips, weights, scales)]  # fmt: skip
 
 
 def quantize_linear(
@@ -50,12 +55,15 @@ def quantize_linear(
     act_scale: torch.Tensor | None = None,
     clip: torch.Tensor | None = None,
     act_clip: float | None = None,
+    weight: torch.Tensor | None = None,
+    w_scale: torch.Tensor | None = None,
 ) -> nn.Linear:
     """Quantize `linear` (an `nn.Linear`, or an `HadamardLinear` whose R4 moves into the weight). Returns the module
-    to use: `linear` itself, or a plain `nn.Linear` replacing an `HadamardLinear` (see `replace_child`)."""
+    to use: `linear` itself, or a plain `nn.Linear` replacing an `HadamardLinear` (see `replace_child`). `weight`
+    (default: the linear's) and `w_scale` (default: min-max times `clip`) let GPTQ hand over its result."""
     had_k = getattr(linear, "had_k", None)
     weight = IntxLinearWeight.from_float(
-        linear.weight.detach(),
+        (linear.weight if weight is None else weight).detach(),
         w_bits=w_bits,
         a_bits=a_bits,
         act_mode=act_mode if a_bits < 16 else "none",
@@ -63,6 +71,7 @@ def quantize_linear(
         had_k=had_k,
         clip=clip,
         act_clip=act_clip,
+        w_scale=w_scale,
     )
     if had_k is not None:
         plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")

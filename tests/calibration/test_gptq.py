@@ -1,0 +1,75 @@
+"""GPTQ: codes on the given grid, and a smaller layer-output error than round-to-nearest on the same grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pq_ao import quant_math
+from pq_ao.calibration.gptq import gptq_quantize
+
+
+def _correlated_inputs(t: int, k: int, gen) -> torch.Tensor:
+    """Inputs with correlated channels and a few large ones (what rotated LLM activations look like)."""
+    base = torch.randn(t, k // 4, generator=gen) @ torch.randn(k // 4, k, generator=gen)
+    return base + 0.3 * torch.randn(t, k, generator=gen)
+
+
+@pytest.mark.parametrize("bits,k,n", [(4, 96, 40), (4, 256, 64), (8, 128, 24)])
+def test_gptq_beats_round_to_nearest_on_the_same_grid(bits, k, n):
+    gen = torch.Generator().manual_seed(k + bits)
+    x = _correlated_inputs(512, k, gen)
+    w = torch.randn(n, k, generator=gen)
+    scale = quant_math.per_channel_scale(w, bits)
+    q = gptq_quantize(w, x.T @ x, scale, bits, damp=0.01, block_size=32)
+    assert q.dtype == torch.int8 and q.shape == (n, k)
+    lo, hi = quant_math.qrange(bits)
+    assert int(q.min()) >= lo and int(q.max()) <= hi
+    w_gptq = q.float() * scale[:, None]
+    assert torch.equal(quant_math.quantize(w_gptq, scale[:, None], bits), q)  # on the grid: requantizes to itself
+    rtn = quant_math.fake_quantize(w, scale[:, None], bits)
+    err_gptq = (x @ (w - w_gptq).T).pow(2).sum()
+    err_rtn = (x @ (w - rtn).T).pow(2).sum()
+    assert err_gptq < 0.8 * err_rtn, (float(err_gptq), float(err_rtn))
+
+
+def test_block_size_does_not_change_the_result_much_and_dead_columns_are_zero():
+    gen = torch.Generator().manual_seed(3)
+    x = _correlated_inputs(256, 64, gen)
+    x[:, 5] = 0  # a column no input touches
+    w = torch.randn(16, 64, generator=gen)
+    s = quant_math.per_channel_scale(w, 4)
+    a = gptq_quantize(w, x.T @ x, s, 4, block_size=64)
+    b = gptq_quantize(w, x.T @ x, s, 4, block_size=7)
+    assert (a != b).float().mean() < 0.05  # the same algorithm, other summation order
+    assert (a[:, 5] == 0).all()
+
+
+def test_bad_arguments_are_named():
+    w, g, s = torch.randn(4, 8), torch.eye(8), torch.ones(4)
+    with pytest.raises(ValueError, match="gram"):
+        gptq_quantize(w, torch.eye(7), s, 4)
+    with pytest.raises(ValueError, match="damp"):
+        gptq_quantize(w, g, s, 4, damp=1.5)
+
+
+def test_the_pipeline_rounds_with_gptq_on_the_same_grid():
+    """quantize_ with gptq=True: the same per-channel scales as round-to-nearest (the grid), other codes, and a
+    block-output error no larger (the prefix KV and earlier quantized blocks are present in GPTQ's Hessians)."""
+    import copy
+
+    import pq_ao
+
+    base, tok = pq_ao.load_model("stories260k", dtype=torch.float32)
+    kw = dict(n_samples=8, seqlen=256, grid_samples=2, grid_seqlen=256, grid_search=False)
+    reports, models = {}, {}
+    for gptq in (False, True):
+        models[gptq] = copy.deepcopy(base)
+        reports[gptq] = pq_ao.quantize_(models[gptq], pq_ao.prefixquant_w4a4(gptq=gptq, **kw), tokenizer=tok)
+    assert reports[True].config["gptq"] and pq_ao.state.state_of(models[True]).config.name == "w4a4kv4-gptq"
+    w_rtn = models[False].model.layers[2].mlp.up_proj.weight
+    w_gptq = models[True].model.layers[2].mlp.up_proj.weight
+    assert not torch.equal(w_rtn.qdata, w_gptq.qdata)
+    torch.testing.assert_close(w_gptq.scale, w_rtn.scale, rtol=1e-5, atol=0)  # the same grid (up to earlier blocks)
+    mse = {g: sum(b.mse_after for b in r.blocks) for g, r in reports.items()}
+    assert mse[True] <= mse[False], mse
