@@ -54,13 +54,16 @@ def _optional_tokenizer(model: nn.Module):
         return None
 
 
-def calibration_data(config: PrefixQuantConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(outlier-search tokens [n_samples, seqlen], block-wise calibration tokens [grid_samples, grid_seqlen])."""
+def calibration_data(config: PrefixQuantConfig, tokenizer):
+    """(outlier-search tokens [n_samples, seqlen], block-wise calibration tokens [grid_samples, grid_seqlen],
+    fine-tuning tokens [ft_samples, ft_seqlen] or None without `finetune`). Token ids given directly serve all three
+    (as given; no re-windowing)."""
     from pq_ao import data
 
     calib = config.calibration
     if isinstance(calib, torch.Tensor):
-        return _split_ids(calib, config)
+        return calib[: config.n_samples], calib[: config.grid_samples], (
+            calib[: config.ft_samples] if config.finetune else None)
     if tokenizer is None:
         raise ValueError("calibration text needs a tokenizer: pass token ids instead")
     text = list(calib) if isinstance(calib, (list, tuple)) else calib
@@ -68,13 +71,10 @@ def calibration_data(config: PrefixQuantConfig, tokenizer) -> tuple[torch.Tensor
     grid = data.calibration_tokens(
         tokenizer, text, n=config.grid_samples, seqlen=config.grid_seqlen, seed=config.seed + 1
     )
-    return outlier, grid
-
-
-def _split_ids(ids: torch.Tensor, config: PrefixQuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids given directly serve both the outlier search and the block-wise calibration (as given; no
-    re-windowing)."""
-    return ids[: config.n_samples], ids[: config.grid_samples]
+    ft = None
+    if config.finetune:
+        ft = data.calibration_tokens(tokenizer, text, n=config.ft_samples, seqlen=config.ft_seqlen, seed=config.seed + 2)
+    return outlier, grid, ft
 
 
 def _check_token_ids(model: nn.Module, *batches: torch.Tensor) -> None:
@@ -87,11 +87,14 @@ def _check_token_ids(model: nn.Module, *batches: torch.Tensor) -> None:
                              f"[{lo}, {hi}]")
 
 
-def _calibration_used(config: PrefixQuantConfig, outlier_ids: torch.Tensor, grid_ids: torch.Tensor) -> dict:
+def _calibration_used(config: PrefixQuantConfig, outlier_ids: torch.Tensor, grid_ids: torch.Tensor,
+                      ft_ids: torch.Tensor | None) -> dict:
     """The calibration sizes actually used (token ids are used as given); a warning where they are fewer or shorter
     than the config asks."""
     used = {"n_samples": int(outlier_ids.shape[0]), "seqlen": int(outlier_ids.shape[1]),
             "grid_samples": int(grid_ids.shape[0]), "grid_seqlen": int(grid_ids.shape[1])}  # fmt: skip
+    if ft_ids is not None:
+        used.update(ft_samples=int(ft_ids.shape[0]), ft_seqlen=int(ft_ids.shape[1]))
     short = [f"{k} {v} < {getattr(config, k)}" for k, v in used.items() if v < getattr(config, k)]
     if short:
         warnings.warn(f"calibration smaller than the config asks ({', '.join(short)}): quantizing with what was "
@@ -120,9 +123,9 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
     elif tokenizer is None:  # token ids need no tokenizer; the prefix separator then comes from the config
         tokenizer = _optional_tokenizer(model)
     model.eval()
-    outlier_ids, grid_ids = calibration_data(config, tokenizer)
-    _check_token_ids(model, outlier_ids, grid_ids)
-    used = _calibration_used(config, outlier_ids, grid_ids)
+    outlier_ids, grid_ids, ft_ids = calibration_data(config, tokenizer)
+    _check_token_ids(model, *(t for t in (outlier_ids, grid_ids, ft_ids) if t is not None))
+    used = _calibration_used(config, outlier_ids, grid_ids, ft_ids)
     structure = find_structure(model)  # reads the model (one traced forward), changes nothing
     lap("data")
     stage = "folding the norms"
@@ -143,7 +146,7 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
             install_prefix(model, [b.attn for b in blocks], prefix.prefix_ids)
         lap("prefix")
         stage = "calibrating and converting the blocks"
-        plans, stats = calibrate_blocks(model, blocks, grid_ids, config)
+        plans, stats = calibrate_blocks(model, blocks, grid_ids, config, ft_ids)
     except Exception as e:
         raise RuntimeError(f"quantize_ failed while {stage} ({type(e).__name__}: {e}); the model is left partly "
                            f"transformed (norms folded{', rotated' if stage != 'folding the norms' else ''}, "

@@ -236,6 +236,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     arg("--grid-seqlen", type=int, help="grid-search sample length (default 512)"),
     arg("--no-grid-search", action="store_true", help="min-max scales only"),
     arg("--gptq", action="store_true", help="round the weights with GPTQ (on the same per-channel grid)"),
+    arg("--finetune", action="store_true", help="block-wise fine-tuning of weights and scales after the search"),
+    arg("--ft-samples", type=int, help="fine-tuning samples (default 32)"),
+    arg("--ft-seqlen", type=int, help="fine-tuning sample length (default 512)"),
+    arg("--ft-epochs", type=int, help="fine-tuning epochs (default 2)"),
     arg("--seed", type=int, default=0),
     arg("--json", type=Path, help="write the quantization report here"),
 )  # fmt: skip
@@ -245,9 +249,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from pq_ao.config import preset
 
     overrides = {"n_samples": args.n_samples, "seqlen": args.calib_seqlen, "grid_samples": args.grid_samples,
-                 "grid_seqlen": args.grid_seqlen}  # fmt: skip
+                 "grid_seqlen": args.grid_seqlen, "ft_samples": args.ft_samples, "ft_seqlen": args.ft_seqlen,
+                 "ft_epochs": args.ft_epochs}  # fmt: skip
     config = preset(args.config, calibration=args.calibration, seed=args.seed, grid_search=not args.no_grid_search,
-                    gptq=args.gptq, **{k: v for k, v in overrides.items() if v is not None})  # fmt: skip
+                    gptq=args.gptq, finetune=args.finetune, **{k: v for k, v in overrides.items() if v is not None})  # fmt: skip
     start = time.perf_counter()
     _check_writable_dir(args.out)
     model, tokenizer = resolve_model(args.model, resolve_dtype(args.dtype, args.device), args.device)

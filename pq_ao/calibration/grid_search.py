@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pq_ao import quant_math
+from pq_ao.calibration.finetune import fine_tune_block
 from pq_ao.calibration.gptq import gptq_quantize
 from pq_ao.calibration.sites import SITES, BlockSites
 from pq_ao.calibration.stats import ActStats, effective_input
@@ -54,6 +55,7 @@ class BlockPlan:
     v_clip: list[float]
     mse_before: float = 0.0
     mse_after: float = 0.0
+    finetune: dict | None = None  # block-wise fine-tuning: its loss before / after and the steps taken
 
 
 class _Stop(Exception):
@@ -303,14 +305,26 @@ class BlockCalibrator:
         return chosen, out, mse_minmax
 
     @torch.no_grad()
-    def __call__(self, bs: BlockSites, x: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, BlockPlan]:
+    def __call__(self, bs: BlockSites, x: torch.Tensor, kwargs: dict, x_ft: torch.Tensor | None = None):
+        """Calibrate block `bs` on its inputs `x`; with `x_ft` (the fine-tuning stream) also fine-tune it. Returns
+        (the block's quantized output on x, on x_ft or None, the plan)."""
         y, grams, qkv = self._grams(bs, x, kwargs)
+        if x_ft is not None:  # the fine-tuning targets and weights, while the block is still full precision
+            y_ft = _run(bs.block, x_ft, kwargs, self.chunk)
+            fp_weights = {site: [lin.weight.detach().float().clone() for lin in bs.linears(site)] for site in SITES}
         self._convert(bs, grams)
         k_clip, v_clip = self._kv(bs, qkv)
         act_clip, x_next, mse_minmax = self._act(bs, x, kwargs, y)
+        ft = None
+        if x_ft is not None:
+            result = fine_tune_block(bs, fp_weights, x_ft, y_ft, kwargs, self.cfg)
+            ft = {"loss_before": result.loss_before, "loss_after": result.loss_after, "steps": result.steps,
+                  "kept": result.kept}
+            x_next = _run(bs.block, x, kwargs, self.chunk)
+            x_ft = _run(bs.block, x_ft, kwargs, self.chunk)
         plan = BlockPlan(act_clip=act_clip, k_clip=k_clip, v_clip=v_clip, mse_before=mse_minmax,
-                         mse_after=_mse(x_next, y))
-        return x_next, plan
+                         mse_after=_mse(x_next, y), finetune=ft)
+        return x_next, x_ft, plan
 
 
 def _k_errors(attn, q, k, kq: KVQuantizer, grid, base, max_queries: int = 256) -> torch.Tensor:
@@ -357,12 +371,18 @@ def _set_kv(quant: KVQuantizer, base_absmax: torch.Tensor, a) -> None:
         quant.clip = float(a if isinstance(a, float) else a[0])
 
 
-def calibrate_blocks(model: nn.Module, blocks: list[BlockSites], tokens: torch.Tensor, config):
-    """Steps 1-3 for every block in order; returns the per-block plans and the statistics gathered."""
+def calibrate_blocks(model: nn.Module, blocks: list[BlockSites], tokens: torch.Tensor, config,
+                     ft_tokens: torch.Tensor | None = None):
+    """Steps 1-3 for every block in order (and block-wise fine-tuning on `ft_tokens`, when given); returns the
+    per-block plans and the statistics gathered."""
     x, kwargs = capture_block_inputs(model, blocks[0].block, tokens)
+    x_ft = capture_block_inputs(model, blocks[0].block, ft_tokens)[0] if ft_tokens is not None else None
     cal = BlockCalibrator(config)
     plans = []
-    for bs in tqdm(blocks, desc="calibrating blocks", leave=False):
-        x, plan = cal(bs, x, kwargs)
+    bar = tqdm(blocks, desc="calibrating blocks" + (" + fine-tuning" if x_ft is not None else ""), leave=False)
+    for bs in bar:
+        x, x_ft, plan = cal(bs, x, kwargs, x_ft)
         plans.append(plan)
+        if plan.finetune is not None:
+            bar.set_postfix(ft_loss=f"{plan.finetune['loss_before']:.3g}->{plan.finetune['loss_after']:.3g}")
     return plans, cal.stats

@@ -56,6 +56,7 @@ class KVQuantizer(nn.Module):
         if mode not in ("static", "dynamic"):
             raise ValueError(f"KV quantization mode must be 'static' or 'dynamic', got {mode!r}")
         self.bits, self.mode, self.clip = bits, mode, clip
+        self.ste = False  # straight-through rounding (block-wise fine-tuning trains the static scales)
         self.register_buffer("scale", torch.ones(n_kv_heads, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,7 @@ class KVQuantizer(nn.Module):
             scale = self.scale.view(1, -1, 1, 1)
         else:
             scale = quant_math.scale_from_absmax(x.float().abs().amax(-1, keepdim=True), self.bits, self.clip)
-        return quant_math.fake_quantize(x, scale, self.bits)
+        return quant_math.fake_quantize(x, scale, self.bits, ste=self.ste)
 
     def _apply(self, fn, recurse: bool = True):
         """Scales stay fp32 whatever `model.to(dtype)` does to the model (a bf16 scale would move the grid)."""

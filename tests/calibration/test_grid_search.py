@@ -22,9 +22,9 @@ def test_block_output_and_errors_equal_fresh_passes(monkeypatch, config):
     original = BlockCalibrator.__call__
     checked = []
 
-    def checking(self, bs, x, kwargs):
+    def checking(self, bs, x, kwargs, x_ft=None):
         y = _run(bs.block, x, kwargs, self.chunk)  # the block is still full precision
-        x_next, plan = original(self, bs, x, kwargs)
+        x_next, x_ft_next, plan = original(self, bs, x, kwargs, x_ft)
         fresh = _run(bs.block, x, kwargs, self.chunk)
         assert torch.equal(x_next, fresh), f"block {bs.index}: the handed-on output is not the calibrated block's"
         assert plan.mse_after == _mse(fresh, y)
@@ -42,7 +42,7 @@ def test_block_output_and_errors_equal_fresh_passes(monkeypatch, config):
             getattr(lin.weight, field).copy_(value)
         assert plan.mse_after <= plan.mse_before * 1.0001 or self.cfg.act_clip is not None
         checked.append(bs.index)
-        return x_next, plan
+        return x_next, x_ft_next, plan
 
     monkeypatch.setattr(BlockCalibrator, "__call__", checking)
     model, tok = pq_ao.load_model("stories260k", dtype=torch.float32)

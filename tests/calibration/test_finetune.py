@@ -1,0 +1,58 @@
+"""Block-wise fine-tuning: every block's loss goes down, the block ends converted again (integer kernels), nothing
+is left requiring gradients, and the model's block outputs get closer to full precision."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pq_ao
+from pq_ao.calibration.finetune import TrainableQuantLinear
+from pq_ao.tensors import IntxLinearWeight
+
+KW = dict(n_samples=8, seqlen=128, grid_samples=2, grid_seqlen=128, ft_samples=4, ft_seqlen=128, ft_epochs=3,
+          ft_lr_weight=1e-4, ft_lr_scale=1e-3)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs():
+    base, tok = pq_ao.load_model("stories260k", dtype=torch.float32)
+    out = {}
+    for ft in (False, True):
+        model = copy.deepcopy(base)
+        out[ft] = (model, pq_ao.quantize_(model, pq_ao.prefixquant_w4a4(finetune=ft, **KW), tokenizer=tok))
+    return out
+
+
+def test_every_block_trains_down_and_ends_converted(runs):
+    model, report = runs[True]
+    assert report.calibration["ft_samples"] == 4 and pq_ao.state.state_of(model).config.name == "w4a4kv4-ft"
+    for plan in report.blocks:
+        ft = plan.finetune
+        assert ft["steps"] == 3 * 4 and ft["loss_after"] <= ft["loss_before"], ft
+        assert ft["kept"] == (ft["loss_after"] < ft["loss_before"])
+    assert sum(plan.finetune["kept"] for plan in report.blocks) >= 3  # most blocks improve
+    assert not any(isinstance(m, TrainableQuantLinear) for m in model.modules())
+    mlp = model.model.layers[1].mlp
+    assert all(isinstance(m.weight, IntxLinearWeight) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    assert not any(p.grad is not None for p in model.parameters())
+    for layer in model.model.layers:
+        for q in (layer.self_attn.k_quant, layer.self_attn.v_quant):
+            assert not q.ste and not q.scale.requires_grad and q.scale.dtype == torch.float32
+            assert torch.isfinite(q.scale).all() and (q.scale > 0).all()
+
+
+def test_fine_tuning_brings_the_blocks_closer_to_full_precision(runs):
+    mse = {ft: sum(b.mse_after for b in r.blocks) for ft, (_, r) in runs.items()}
+    assert mse[True] < mse[False], mse
+
+
+def test_the_fine_tuned_model_compiles_and_round_trips(runs, tmp_path):
+    model, _ = runs[True]
+    pq_ao.save_quantized(model, tmp_path / "m")
+    loaded, _ = pq_ao.load_quantized(tmp_path / "m")
+    ids = torch.randint(3, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
