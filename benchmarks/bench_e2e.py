@@ -60,6 +60,31 @@ def build_model(layers: int, shapes: dict):
     return model.eval()
 
 
+def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """HF attention through SDPA with `enable_gqa=True` whatever the mask: no KV-head expansion copies (HF's own
+    "sdpa" repeats the KV heads whenever a mask is passed, as it is with a static cache). Registered as
+    "sdpa_gqa" for the fair bf16 baseline (`--models bf16_gqa`)."""
+    import torch.nn.functional as F
+
+    mask = attention_mask
+    if mask is not None and mask.dim() == 4:
+        mask = mask[:, :, :, : key.shape[-2]]
+    if is_causal is None:
+        is_causal = query.shape[2] > 1 and mask is None and getattr(module, "is_causal", True)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, scale=scaling,
+                                         is_causal=is_causal, enable_gqa=True)  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None
+
+
+def gqa_aware(base):
+    """The bf16 model with GQA-aware SDPA (the same weights, the same compile settings)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("sdpa_gqa", sdpa_gqa)
+    base.config._attn_implementation = "sdpa_gqa"
+    return base, {}
+
+
 def torchao_fp8row(base):
     """The peer a Hopper user picks today: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) on every
     decoder linear (lm_head stays bf16, as in the other models)."""
@@ -271,7 +296,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=540)
-    p.add_argument("--models", default="static,bf16,dynamic", help="of: bf16, static, dynamic, fp8row (torchao)")
+    p.add_argument("--models", default="static,bf16,dynamic",
+                   help="of: bf16, bf16_gqa (GQA-aware SDPA: the fair decode baseline), static, dynamic, fp8row (torchao)")
     p.add_argument("--stages", default="prefill,decode_b1,decode_b16")
     p.add_argument("--profile", action="store_true", help="a profiler table of one call per stage")
     p.add_argument("--tiny", action="store_true", help="small shapes on the CPU: a smoke test of this script")
@@ -302,11 +328,14 @@ def main() -> None:
             break
         model = base
         if kind != "bf16":
-            model, info = torchao_fp8row(base) if kind == "fp8row" else quantized(base, kind, args.calib_samples)
+            make = {"fp8row": torchao_fp8row, "bf16_gqa": gqa_aware}.get(kind)
+            model, info = make(base) if make else quantized(base, kind, args.calib_samples)
             for k, v in info.items():
                 row.setdefault(k, v)  # a resumed run keeps the first (uncontended) quantization time
         row["weights_gib"] = model_bytes(model) / 2**30
         cache_kind = "static" if kind == "static" else "hf"
+        if kind == "bf16_gqa":
+            row["attention"] = "SDPA enable_gqa=True (no KV-head expansion)"
         for stage in stages:
             if stage in row:
                 continue
@@ -319,6 +348,7 @@ def main() -> None:
             save()
         print(kind, json.dumps({k: {f: x for f, x in v.items() if f != "profile"} if isinstance(v, dict) else v
                                 for k, v in row.items()}), flush=True)  # fmt: skip
+        base.config._attn_implementation = "sdpa"  # bf16_gqa changed the shared model's attention
         if model is not base:
             del model
         torch._dynamo.reset()
