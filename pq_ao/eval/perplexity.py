@@ -72,8 +72,12 @@ def perplexity(
     batch_size: int = 1,
     max_windows: int | None = None,
     progress: bool = True,
+    prefix_ids: list[int] | None = None,
 ) -> PerplexityResult:
-    """Perplexity of `model` on a text dataset of `pq_ao.data` (`wikitext2` or `wikitext2_valid`)."""
+    """Perplexity of `model` on a text dataset of `pq_ao.data` (`wikitext2` or `wikitext2_valid`).
+
+    `prefix_ids`: token ids put in front of every window and not scored (PrefixQuant's prefix given to a full-
+    precision model, the "FP + prefix" row of the ablation): the same windows and predicted tokens as without."""
     text = data.load(dataset)
     if not isinstance(text, str):
         raise ValueError(
@@ -81,12 +85,14 @@ def perplexity(
         )
     windows = window_tokens(tokenizer, text, seqlen, max_windows)
     device = next(model.parameters()).device
+    prefix = torch.tensor(prefix_ids or [], dtype=torch.long)
     start = time.perf_counter()
     nll = 0.0
     for i in tqdm(range(0, len(windows), batch_size), desc=f"ppl {dataset}@{seqlen}", disable=not progress):
-        batch = windows[i : i + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        nll += _window_nll_sum(logits, batch)
+        batch = windows[i : i + batch_size]
+        inputs = torch.cat([prefix.expand(len(batch), -1), batch], dim=1).to(device)
+        logits = model(input_ids=inputs, use_cache=False).logits[:, len(prefix) :]
+        nll += _window_nll_sum(logits, batch.to(device))
     n_tokens = len(windows) * (seqlen - 1)
     mean = nll / n_tokens
     return PerplexityResult(

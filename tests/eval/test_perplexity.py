@@ -27,6 +27,22 @@ def test_matches_hand_computed_loss(stories):
     assert res.seconds > 0
 
 
+def test_prefix_ids_go_in_front_and_are_not_scored(stories):
+    model, tok = stories
+    prefix = [1, 5, 9]
+    res = perplexity(model, tok, seqlen=32, batch_size=2, max_windows=3, progress=False, prefix_ids=prefix)
+    plain = perplexity(model, tok, seqlen=32, batch_size=2, max_windows=3, progress=False)
+    assert (res.n_windows, res.n_tokens) == (plain.n_windows, plain.n_tokens)
+    windows = window_tokens(tok, ppl_mod.data.load("wikitext2"), 32, 3)
+    losses = []
+    with torch.no_grad():
+        for w in windows:
+            logits = model(torch.cat([torch.tensor(prefix), w])[None]).logits[0, len(prefix) :]
+            losses.append(F.cross_entropy(logits[:-1].float(), w[1:]).item())
+    assert res.ppl == pytest.approx(math.exp(sum(losses) / 3), rel=1e-5)
+    assert res.ppl != pytest.approx(plain.ppl, rel=1e-3)  # the prefix changes the context, so the score
+
+
 def test_batch_size_does_not_change_the_result(stories):
     model, tok = stories
     one = perplexity(model, tok, seqlen=32, batch_size=1, max_windows=4, progress=False)
