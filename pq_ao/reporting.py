@@ -309,7 +309,7 @@ def draw_act_scales(Figure, data: dict, path: Path) -> bool:
             axes[1].plot(x, [sum(b[key]) / len(b[key]) for b in blocks], style, marker="x", ms=4,
                          label=f"{key[0].upper()} (mean over heads)")
     axes[0].set_yscale("log")
-    axes[0].set_title(f"static A{a_bits} scales: chosen (solid) vs min-max (dashed)" if static else
+    axes[0].set_title(f"static A{a_bits} scales: the model's (solid) vs min-max (dashed)" if static else
                       "activation absmax (dynamic per-token scales at run time)", fontsize=10)  # fmt: skip
     axes[0].set_ylabel("scale" if static else "absmax")
     cfg = data["quantization"]["config"]
@@ -342,7 +342,8 @@ def draw_block_mse(Figure, data: dict, path: Path) -> bool:
     w = 0.4
     ax.bar((x - w / 2).tolist(), [b["mse_before"] for b in blocks], w, color="silver", label="min-max scales")
     after = [b["mse_after"] for b in blocks]
-    ax.bar((x + w / 2).tolist(), after, w, color="tab:blue", label="after the grid search")
+    done = "after the grid search" + (" and fine-tuning" if data["quantization"]["config"].get("finetune") else "")
+    ax.bar((x + w / 2).tolist(), after, w, color="tab:blue", label=done)
     for rank, i in enumerate(worst_blocks(data)):
         ax.bar([float(x[i] + w / 2)], [after[i]], w, color="tab:red", label="worst" if rank == 0 else None)
         ax.annotate(f"#{rank + 1}", (float(x[i] + w / 2), after[i]), xytext=(0, 3), textcoords="offset points",
@@ -487,7 +488,9 @@ def _scales_section(data: dict, drawn: dict[str, bool]) -> list[str]:
     lines = ["## Activation scales and clip factors", "",
              f"Activations: A{cfg.get('a_bits')} {cfg.get('act_mode')}, one quantizer per site (q/k/v share one, "
              f"gate/up share one), {what}. Clip factors: activations {_clip_source(cfg, 'act_clip')}, K/V "
-             f"{_clip_source(cfg, 'kv_clip')} (the grid search minimises the block-output error).", ""]  # fmt: skip
+             f"{_clip_source(cfg, 'kv_clip')} (the grid search minimises the block-output error)."
+             + (" Block-wise fine-tuning then trained the scales: the static scales shown are the trained ones."
+                if cfg.get("finetune") else ""), ""]  # fmt: skip
     if drawn.get("act_scales"):
         lines += [f"![activation scales and clip factors per layer]({FIGURES['act_scales']})", ""]
     elif not blocks[0].get("act_absmax"):
@@ -522,10 +525,21 @@ def _error_section(data: dict, drawn: dict[str, bool]) -> list[str]:
              "MSE of its output against the full-precision block's on the same input.", ""]  # fmt: skip
     if drawn.get("block_mse"):
         lines += [f"![per-block output MSE]({FIGURES['block_mse']})", ""]
-    rows = [[i, _g(b["mse_before"]), _g(b["mse_after"]),
-             f"{b['mse_after'] / b['mse_before']:.2f}" if b["mse_before"] else "",
-             f"worst #{worst.index(i) + 1}" if i in worst else ""] for i, b in enumerate(blocks)]  # fmt: skip
-    lines += _table(["block", "MSE min-max", "MSE after", "after / min-max", ""], rows) + [""]
+    ft = any(b.get("finetune") for b in blocks)
+    if ft:
+        lines += ["With block-wise fine-tuning, \"MSE after\" is after it; its own loss (on the fine-tuning tokens) "
+                  "before and after is in the last columns (kept: whether the trained values replaced the calibrated "
+                  "ones).", ""]  # fmt: skip
+    rows = []
+    for i, b in enumerate(blocks):
+        row = [i, _g(b["mse_before"]), _g(b["mse_after"]), f"{b['mse_after'] / b['mse_before']:.2f}"
+               if b["mse_before"] else "", f"worst #{worst.index(i) + 1}" if i in worst else ""]  # fmt: skip
+        if ft:
+            f = b.get("finetune") or {}
+            row += [_g(f.get("loss_before")), _g(f.get("loss_after")), {True: "yes", False: "no"}.get(f.get("kept"), "")]
+        rows.append(row)
+    header = ["block", "MSE min-max", "MSE after", "after / min-max", ""]
+    lines += _table(header + (["fine-tuning loss before", "after", "kept"] if ft else []), rows) + [""]
     return lines
 
 
@@ -589,12 +603,15 @@ def _header(data: dict) -> list[str]:
              f"W{cfg.get('w_bits')} per channel, A{cfg.get('a_bits')} {cfg.get('act_mode')} {act}, "
              f"KV{cfg.get('kv_bits')} {cfg.get('kv_mode')} {kv}; rotation {'on' if cfg.get('rotate') else 'off'}, "
              f"prefix {'on' if cfg.get('prefix') else 'off'}; activation clips {_clip_source(cfg, 'act_clip')}, "
-             f"K/V clips {_clip_source(cfg, 'kv_clip')}.", ""]  # fmt: skip
+             f"K/V clips {_clip_source(cfg, 'kv_clip')}" + ("; weights rounded with GPTQ" if cfg.get("gptq") else "")
+             + ("; block-wise fine-tuning" if cfg.get("finetune") else "") + ".", ""]  # fmt: skip
     if calib:
         search = (f"{calib.get('n_samples')} x {calib.get('seqlen')} tokens for the outlier search, "
                   if cfg.get("prefix") else "")  # fmt: skip
+        ft = (f", {calib['ft_samples']} x {calib.get('ft_seqlen')} tokens for the fine-tuning"
+              if "ft_samples" in calib else "")  # fmt: skip
         lines += [f"Calibration ({cfg.get('calibration')}): {search}{calib.get('grid_samples')} x "
-                  f"{calib.get('grid_seqlen')} tokens for the block-wise calibration.", ""]  # fmt: skip
+                  f"{calib.get('grid_seqlen')} tokens for the block-wise calibration{ft}.", ""]  # fmt: skip
     if secs:
         lines += [f"Time: {sum(secs.values()):.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()) + ").",
                   ""]  # fmt: skip
