@@ -11,6 +11,7 @@ from pq_ao.config import (
     quarot_w4a4,
 )
 from pq_ao.models import load_model
+from pq_ao.reporting import report
 from pq_ao.serialization import load_quantized, save_quantized
 from pq_ao.tensors import IntxLinearWeight
 
@@ -25,5 +26,6 @@ __all__ = [
     "prefixquant_w8a8",
     "quantize_",
     "quarot_w4a4",
+    "report",
     "save_quantized",
 ]

@@ -1,11 +1,13 @@
 """`quantize_`: the PrefixQuant pipeline for a `PrefixQuantConfig`, torchao's `quantize_` for any other config.
 
 Pipeline (docs/architecture.md): structure -> fold norms -> rotate (R1, R2 fused; R3, R4 online) -> outlier
-tokens -> prefix KV -> block-wise statistics, grid search and conversion. In place, like torchao's.
+tokens -> prefix KV -> block-wise statistics, grid search and conversion. In place, like torchao's. Each phase
+logs what it does (INFO, logger `pq_ao.api`; `pq-ao quantize` prints them) and the long ones show tqdm bars.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 
@@ -15,7 +17,7 @@ from torchao.quantization import quantize_ as _torchao_quantize_
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from pq_ao.calibration.grid_search import calibrate_blocks
-from pq_ao.calibration.outliers import find_prefix, top_median_ratio
+from pq_ao.calibration.outliers import find_prefix, token_decoder, token_max_summary, top_median_ratio
 from pq_ao.calibration.sites import block_sites
 from pq_ao.config import PrefixQuantConfig
 from pq_ao.kernels import enable_compile_memo
@@ -25,6 +27,8 @@ from pq_ao.state import PrefixQuantState, QuantizationReport, require_state, sta
 
 __all__ = ["PrefixQuantState", "QuantizationReport", "calibration_data", "prefixquant", "quantize_",
            "resolve_tokenizer"]
+
+log = logging.getLogger(__name__)
 
 
 def resolve_tokenizer(model: nn.Module):
@@ -77,6 +81,12 @@ def calibration_data(config: PrefixQuantConfig, tokenizer):
     return outlier, grid, ft
 
 
+def _describe_calibration(calib) -> str:
+    if isinstance(calib, torch.Tensor):
+        return f"token ids {list(calib.shape)}"
+    return f"{len(calib)} texts" if isinstance(calib, (list, tuple)) else str(calib)
+
+
 def _check_token_ids(model: nn.Module, *batches: torch.Tensor) -> None:
     """Calibration token ids inside the vocabulary (checked before the model is touched)."""
     vocab = model.get_input_embeddings().num_embeddings
@@ -123,13 +133,16 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
     elif tokenizer is None:  # token ids need no tokenizer; the prefix separator then comes from the config
         tokenizer = _optional_tokenizer(model)
     model.eval()
+    log.info("%s: calibration data (%s)", config.name, _describe_calibration(config.calibration))
     outlier_ids, grid_ids, ft_ids = calibration_data(config, tokenizer)
     _check_token_ids(model, *(t for t in (outlier_ids, grid_ids, ft_ids) if t is not None))
     used = _calibration_used(config, outlier_ids, grid_ids, ft_ids)
+    log.info("model structure: tracing one decoder block")
     structure = find_structure(model)  # reads the model (one traced forward), changes nothing
     lap("data")
     stage = "folding the norms"
     try:  # from here on the model changes: a failure says in what state it is left
+        log.info("folding the norms%s", ", rotating (R1, R2 fused; R3, R4 online)" if config.rotate else "")
         fold_norms(model, structure)
         stage = "rotating"
         if config.rotate:
@@ -141,20 +154,29 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
         prefix = None
         stage = "finding and installing the prefix"
         if config.prefix:
+            log.info("outlier tokens: %d x %d tokens through the full-precision model", *outlier_ids.shape)
             downs = [b.down for b in blocks]
             prefix = find_prefix(model, downs, outlier_ids, tokenizer, config.eta, config.max_prefix_len)
+            log.info("prefix %s (o=%d): computing and installing its KV", prefix.prefix_tokens,
+                     prefix.n_outlier_tokens)
             install_prefix(model, [b.attn for b in blocks], prefix.prefix_ids)
         lap("prefix")
         stage = "calibrating and converting the blocks"
+        log.info("calibrating %d blocks on %d x %d tokens: statistics, %s, conversion%s", len(blocks), *grid_ids.shape,
+                 "grid search" if config.grid_search else "min-max scales",
+                 "" if ft_ids is None else f", fine-tuning on {ft_ids.shape[0]} x {ft_ids.shape[1]} tokens")
         plans, stats = calibrate_blocks(model, blocks, grid_ids, config, ft_ids)
     except Exception as e:
         raise RuntimeError(f"quantize_ failed while {stage} ({type(e).__name__}: {e}); the model is left partly "
                            f"transformed (norms folded{', rotated' if stage != 'folding the norms' else ''}, "
                            "possibly some blocks converted): load it again before retrying") from e  # fmt: skip
     if prefix is not None:
-        prefix.ratio_after = top_median_ratio(stats.down_token_max_tensor()).tolist()
+        tmax_after = stats.down_token_max_tensor()
+        prefix.ratio_after = top_median_ratio(tmax_after).tolist()
+        prefix.token_max_after = token_max_summary(tmax_after, grid_ids, token_decoder(tokenizer))
     lap("grid_search")
     t.pop("start"), t.pop("_last")
+    log.info("quantized in %.1f s (%s)", sum(t.values()), ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
     report = QuantizationReport(config=config.to_dict(), prefix=prefix, blocks=plans, seconds=t, calibration=used)
     enable_compile_memo()  # the model now runs our kernels: compiling it should not repeat their analysis
     state.config, state.report = config, report

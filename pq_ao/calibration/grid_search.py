@@ -22,7 +22,7 @@ Then X <- quantized block(X) for block i+1. Ties go to the later grid point, as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,11 @@ DYNAMIC_GRID = torch.linspace(0.6, 1.0, 9).tolist()
 
 @dataclass
 class BlockPlan:
-    """What calibration decides for one block (kept for the report)."""
+    """What calibration decides for one block (kept for the report). Per site: `act_clip` the clip factor chosen,
+    `act_absmax` the min-max statistic it scales (what the weight multiplies: after R4 for down_proj), and for
+    static activations `act_scale` the scale the converted weight holds at the end (min-max scale x clip, or what
+    fine-tuning made of it; empty in reports written before these were recorded, and for unquantized
+    activations)."""
 
     act_clip: dict[str, float]
     k_clip: list[float]
@@ -56,6 +60,8 @@ class BlockPlan:
     mse_before: float = 0.0
     mse_after: float = 0.0
     finetune: dict | None = None  # block-wise fine-tuning: its loss before / after and the steps taken
+    act_absmax: dict[str, float] = field(default_factory=dict)
+    act_scale: dict[str, float] = field(default_factory=dict)
 
 
 class _Stop(Exception):
@@ -322,8 +328,11 @@ class BlockCalibrator:
                   "kept": result.kept}
             x_next = _run(bs.block, x, kwargs, self.chunk)
             x_ft = _run(bs.block, x_ft, kwargs, self.chunk)
+        weights = {site: bs.linears(site)[0].weight for site in SITES}  # as the model holds them (fine-tuned or not)
+        act_scale = {site: w.act_scale.item() for site, w in weights.items() if w.act_mode == "static"}
         plan = BlockPlan(act_clip=act_clip, k_clip=k_clip, v_clip=v_clip, mse_before=mse_minmax,
-                         mse_after=_mse(x_next, y), finetune=ft)
+                         mse_after=_mse(x_next, y), finetune=ft,
+                         act_absmax={s: self.stats.act[(bs.index, s)] for s in SITES}, act_scale=act_scale)  # fmt: skip
         return x_next, x_ft, plan
 
 

@@ -21,7 +21,9 @@ from pq_ao.passes.structure import decoder
 @dataclass
 class PrefixReport:
     """What the outlier search found: the prefix and the per-layer top/median ratios before it (outlier-search
-    tokens, full-precision model) and after it (grid-search tokens, in the block-wise calibration's runs)."""
+    tokens, full-precision model) and after it (grid-search tokens, in the block-wise calibration's runs).
+    `token_max_before` / `token_max_after`: the same two runs per layer as `token_max_summary` gives them (what the
+    report's outlier figure draws; empty in reports written before they were recorded)."""
 
     prefix_ids: list[int]
     prefix_tokens: list[str]
@@ -30,6 +32,8 @@ class PrefixReport:
     outlier_token_counts: dict[int, int]
     ratio_before: list[float]
     ratio_after: list[float] = field(default_factory=list)
+    token_max_before: list[dict] = field(default_factory=list)
+    token_max_after: list[dict] = field(default_factory=list)
 
     def summary(self) -> str:
         worst_before = max(range(len(self.ratio_before)), key=self.ratio_before.__getitem__)
@@ -75,6 +79,52 @@ def top_median_ratio(tmax: torch.Tensor) -> torch.Tensor:
     return ratio.amax(dim=-1).amax(dim=0)
 
 
+FIRST_POSITION = "[position 0]"
+
+
+def token_max_summary(tmax: torch.Tensor, tokens: torch.Tensor, decode, top: int = 3) -> list[dict]:
+    """Per layer of the token maxima `tmax` `[n, n_layers, seqlen]` of `tokens` `[n, seqlen]`, a few JSON-safe
+    numbers: `top1`, `top2`, `median` (each sample's largest, second largest and median token maximum, averaged
+    over the samples) and `tokens`, the (at most `top`) tokens that most often rank first or second in a sample:
+    `{"token", "token_ids", "positions", "count", "max"}` (`count` of the 2n ranks, `max` their largest value, at
+    most 5 distinct ids / positions). Position 0 is one entry of its own, `FIRST_POSITION`, whatever token sits
+    there (a window's first token is an outlier by its place, not its id). `decode(id) -> str` names the ids."""
+    n, layers, seqlen = tmax.shape
+    if tokens.shape != (n, seqlen):
+        raise ValueError(f"tokens {tuple(tokens.shape)} do not match the token maxima {(n, seqlen)}")
+    k = min(2, seqlen)
+    vals, idx = tmax.topk(k, dim=-1)  # [n, L, k]
+    top1, top2 = vals[..., 0].mean(0), vals[..., k - 1].mean(0)
+    median = tmax.median(dim=-1).values.mean(0)
+    out = []
+    for layer in range(layers):
+        groups: dict = {}
+        for s in range(n):
+            for j in range(k):
+                pos = int(idx[s, layer, j])
+                tid = int(tokens[s, pos])
+                g = groups.setdefault("first" if pos == 0 else tid, {"ids": [], "pos": [], "count": 0, "max": 0.0})
+                g["count"] += 1
+                g["max"] = max(g["max"], float(vals[s, layer, j]))
+                for key, v in (("ids", tid), ("pos", pos)):
+                    if v not in g[key] and len(g[key]) < 5:
+                        g[key].append(v)
+        ranked = sorted(groups.items(), key=lambda kv: (-kv[1]["count"], -kv[1]["max"]))[:top]
+        out.append({
+            "top1": float(top1[layer]), "top2": float(top2[layer]), "median": float(median[layer]),
+            "tokens": [{"token": FIRST_POSITION if key == "first" else decode(key), "token_ids": sorted(g["ids"]),
+                        "positions": sorted(g["pos"]), "count": g["count"], "max": g["max"]} for key, g in ranked],
+        })  # fmt: skip
+    return out
+
+
+def token_decoder(tokenizer):
+    """`id -> str` for the report: the tokenizer's text of one id, or `<id>` without a tokenizer."""
+    if tokenizer is None:
+        return lambda i: f"<{i}>"
+    return lambda i: tokenizer.decode([i])
+
+
 def select_prefix(
     tmax: torch.Tensor, tokens: torch.Tensor, eta: float, max_len: int, bos_id: int
 ) -> tuple[list[int], int, list[float], Counter]:
@@ -110,13 +160,15 @@ def find_prefix(
     bos = prefix_separator_id(tokenizer if tokenizer is not None else model.config)
     tmax = token_max(model, down_projs, tokens, batch_size, desc="outlier tokens")
     ids, o, mean_counts, counter = select_prefix(tmax, tokens, eta, max_len, bos)
+    decode = token_decoder(tokenizer)
     return PrefixReport(
         prefix_ids=ids,
-        prefix_tokens=[tokenizer.decode([i]) if tokenizer is not None else f"<{i}>" for i in ids],
+        prefix_tokens=[decode(i) for i in ids],
         n_outlier_tokens=o,
         mean_outliers_per_layer=mean_counts,
         outlier_token_counts=dict(counter.most_common(20)),
         ratio_before=top_median_ratio(tmax).tolist(),
+        token_max_before=token_max_summary(tmax, tokens, decode),
     )
 
 

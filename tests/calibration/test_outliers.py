@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from pq_ao.calibration.outliers import find_prefix, select_prefix, token_max, top_median_ratio
+from pq_ao.calibration.outliers import (
+    FIRST_POSITION,
+    find_prefix,
+    select_prefix,
+    token_max,
+    token_max_summary,
+    top_median_ratio,
+)
 from pq_ao.models import load_model
 
 BOS = 1
@@ -35,6 +42,30 @@ def test_select_prefix_without_outliers_is_bos_only_and_respects_max_len():
     tokens[:, 3:8] = torch.arange(20, 25)
     prefix = select_prefix(tmax, tokens, 64, 3, BOS)[0]
     assert len(prefix) == 3 and prefix[-1] == BOS
+
+
+def test_token_max_summary_names_the_top_tokens_and_position_0():
+    """Per layer: top-1 / top-2 / median averaged over samples; the tokens ranking first or second grouped by id,
+    position 0 a group of its own whatever its id."""
+    tmax = torch.ones(2, 2, 6)
+    tmax[:, :, 1:] = torch.tensor([2.0, 3.0, 4.0, 5.0, 6.0])  # median 3 (lower median of 6 values: 1,2,3,4,5,6)
+    tokens = torch.tensor([[10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 15]])
+    tmax[0, 1, 0], tmax[1, 1, 0] = 100.0, 50.0  # layer 1: position 0 is the top, ids 10 and 20
+    tmax[1, 1, 5] = 40.0  # token 15 (position 5) second in sample 1, as in sample 0 (its 6.0)
+    out = token_max_summary(tmax, tokens, decode=lambda i: f"t{i}")
+    assert out[0]["top1"] == 6.0 and out[0]["top2"] == 5.0 and out[0]["median"] == 3.0
+    assert out[0]["tokens"] == [
+        {"token": "t15", "token_ids": [15], "positions": [5], "count": 2, "max": 6.0},
+        {"token": "t14", "token_ids": [14], "positions": [4], "count": 1, "max": 5.0},
+        {"token": "t24", "token_ids": [24], "positions": [4], "count": 1, "max": 5.0},
+    ]  # ties in count go to the larger value, then stay in the order met
+    assert out[1]["top1"] == 75.0 and out[1]["top2"] == 23.0
+    assert out[1]["tokens"][:2] == [
+        {"token": FIRST_POSITION, "token_ids": [10, 20], "positions": [0], "count": 2, "max": 100.0},
+        {"token": "t15", "token_ids": [15], "positions": [5], "count": 2, "max": 40.0},
+    ]
+    with pytest.raises(ValueError, match="do not match"):
+        token_max_summary(tmax, tokens[:, :3], decode=str)
 
 
 def _planted_model(token: int, channel: int = 5):
