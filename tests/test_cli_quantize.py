@@ -18,6 +18,9 @@ def test_quantize_then_eval_the_saved_directory(tmp_path, capsys):
     assert rc == 0
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["results"]["wikitext2"]["n_windows"] == 3 and 1 < res["results"]["wikitext2"]["ppl"] < 2000
+    # zero-shot too: the Llama tokenizer adds BOS by default, which the prefix model (its prefix ends with BOS) rejects
+    assert main(["eval", "--model", str(out), "--tasks", "piqa", "--limit", "2", "--json", str(tmp_path / "z.json")]) == 0
+    assert json.loads((tmp_path / "z.json").read_text())["results"]["piqa"]["n"] == 2
     capsys.readouterr()
     assert main(["quantize", "--model", str(out), "--config", "w4a4kv4", "--out", str(tmp_path / "again")]) == 1
     lines = capsys.readouterr().err.strip().splitlines()  # the progress lines, then the error in one line

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pq_ao import data
+from pq_ao.state import state_of
 
 PAPER_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
 TASKS = (*PAPER_TASKS, "lambada_openai")
@@ -141,7 +142,10 @@ def evaluate(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")
     start = time.perf_counter()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    state = state_of(model)
+    # A PrefixQuant prefix already ends with BOS (the model rejects a second one): the tokenizer must not add it.
+    no_bos = {"add_bos_token": False} if state is not None and state.prefix_ids else {}
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **no_bos)
     per_task: dict[str, dict[str, Any]] = {}
     for t in tasks:
         t0 = time.perf_counter()
