@@ -6,8 +6,9 @@ Each run is `{"scheme": <key of benchmarks/accuracy.py SCHEMES>, **config overri
 - `"prefix_only": true` with scheme `fp`: the full-precision model with the prefix of the last quantized run in
   front of every window (`perplexity(prefix_ids=...)`), the ablation's "FP + prefix" row;
 - `"zeroshot": true`: also the zero-shot tasks (`pq_ao.eval.zeroshot`, `--zeroshot-limit` examples per task);
-- `"save": true` / `"load": true`: write the quantized model under `--models-dir/<tag>` / read it from there
-  instead of quantizing again (a later call on the same warm machine).
+- `"save": true`: write the quantized model to `--models-dir/<tag>`; `"load": "<tag of a saved run>"`: read it
+  from there instead of quantizing again (a later call on the same warm machine);
+- `"ppl": false`: no perplexity (a zero-shot row of a model whose perplexity another row has).
 Runs in fp32 with TF32 off, so the numerics are the CPU's (integer kernels are exact on both). Rows are written
 to the JSON after every run, so a run cut off by the budget keeps what finished.
 
@@ -34,7 +35,7 @@ from accuracy import SCHEMES  # noqa: E402
 import pq_ao  # noqa: E402
 from pq_ao.eval.perplexity import perplexity  # noqa: E402
 
-OWN_KEYS = ("scheme", "tag", "prefix_only", "zeroshot", "save", "load")
+OWN_KEYS = ("scheme", "tag", "prefix_only", "zeroshot", "save", "load", "ppl")
 
 
 def tag_of(run: dict) -> str:
@@ -47,7 +48,7 @@ def tag_of(run: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
-    p.add_argument("--runs", required=True, help="JSON list of runs (see the module docstring)")
+    p.add_argument("--runs", required=True, help="JSON list of runs (see the module docstring), or a file of one")
     p.add_argument("--windows", default="40", help="WikiText-2 windows, or 'all' (the whole test set)")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--budget-s", type=float, default=500)
@@ -66,7 +67,8 @@ def main() -> None:
     rows = json.loads(args.json.read_text()) if args.json.exists() else []
     done = {r["tag"] for r in rows if "error" not in r}
     last_prefix = next((r["prefix_ids"] for r in reversed(rows) if r.get("prefix_ids")), None)
-    for run in json.loads(args.runs):
+    runs = args.runs if args.runs.lstrip().startswith("[") else Path(args.runs).read_text()
+    for run in json.loads(runs):
         tag = tag_of(run)
         if tag in done:
             continue
@@ -80,8 +82,8 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             if run.get("load"):
-                model, _ = pq_ao.load_quantized(args.models_dir / tag, device=args.device)
-                row["loaded"] = True
+                model, _ = pq_ao.load_quantized(args.models_dir / run["load"], device=args.device)
+                row["loaded"] = run["load"]
             else:
                 model = copy.deepcopy(base)
                 if make is not None:
@@ -92,7 +94,7 @@ def main() -> None:
                     row["quantize_breakdown"] = report.seconds
                     row["config"] = report.config
                     if report.prefix is not None:
-                        row["prefix"] = report.prefix.prefix_tokens
+                        row["prefix_tokens"] = report.prefix.prefix_tokens
                         row["prefix_ids"] = last_prefix = report.prefix.prefix_ids
                         row["ratio_after"] = max(report.prefix.ratio_after)
                     ft = [b.finetune for b in report.blocks if b.finetune]
@@ -107,10 +109,11 @@ def main() -> None:
                 if last_prefix is None:
                     raise ValueError("prefix_only needs a quantized run with a prefix before it")
                 prefix_ids = row["prefix_ids"] = last_prefix
-            with torch.inference_mode():
-                res = perplexity(model, tok, seqlen=args.seqlen, max_windows=windows, progress=False,
-                                 prefix_ids=prefix_ids)  # fmt: skip
-            row.update(ppl=res.ppl, n_windows=res.n_windows, ppl_s=res.seconds)
+            if run.get("ppl", True):
+                with torch.inference_mode():
+                    res = perplexity(model, tok, seqlen=args.seqlen, max_windows=windows, progress=False,
+                                     prefix_ids=prefix_ids)  # fmt: skip
+                row.update(ppl=res.ppl, n_windows=res.n_windows, ppl_s=res.seconds)
             if run.get("zeroshot"):
                 from pq_ao.eval.zeroshot import evaluate
 
@@ -133,7 +136,7 @@ def main() -> None:
     for r in rows:
         ppl = f"{r['ppl']:.2f}" if "ppl" in r else r.get("error", "-")[:60]
         avg = f"{100 * r['avg5']:.2f}" if r.get("avg5") is not None else "-"
-        print(f"| {r['tag']} | {ppl} | {avg} | {r.get('quantize_s', 0):.1f} | {r.get('prefix', '-')} |")
+        print(f"| {r['tag']} | {ppl} | {avg} | {r.get('quantize_s', 0):.1f} | {r.get('prefix_tokens', '-')} |")
 
 
 if __name__ == "__main__":
