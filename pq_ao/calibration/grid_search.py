@@ -311,23 +311,25 @@ class BlockCalibrator:
         return chosen, out, mse_minmax
 
     @torch.no_grad()
-    def __call__(self, bs: BlockSites, x: torch.Tensor, kwargs: dict, x_ft: torch.Tensor | None = None):
-        """Calibrate block `bs` on its inputs `x`; with `x_ft` (the fine-tuning stream) also fine-tune it. Returns
-        (the block's quantized output on x, on x_ft or None, the plan)."""
+    def __call__(self, bs: BlockSites, x: torch.Tensor, kwargs: dict, x_ft: torch.Tensor | None = None,
+                 ft_kwargs: dict | None = None):
+        """Calibrate block `bs` on its inputs `x` (block keyword arguments `kwargs`); with `x_ft` (the fine-tuning
+        stream, its own `ft_kwargs`) also fine-tune it. Returns (the block's quantized output on x, on x_ft or None,
+        the plan)."""
         y, grams, qkv = self._grams(bs, x, kwargs)
         if x_ft is not None:  # the fine-tuning targets and weights, while the block is still full precision
-            y_ft = _run(bs.block, x_ft, kwargs, self.chunk)
+            y_ft = _run(bs.block, x_ft, ft_kwargs, self.chunk)
             fp_weights = {site: [lin.weight.detach().float().clone() for lin in bs.linears(site)] for site in SITES}
         self._convert(bs, grams)
         k_clip, v_clip = self._kv(bs, qkv)
         act_clip, x_next, mse_minmax = self._act(bs, x, kwargs, y)
         ft = None
         if x_ft is not None:
-            result = fine_tune_block(bs, fp_weights, x_ft, y_ft, kwargs, self.cfg)
+            result = fine_tune_block(bs, fp_weights, x_ft, y_ft, ft_kwargs, self.cfg)
             ft = {"loss_before": result.loss_before, "loss_after": result.loss_after, "steps": result.steps,
                   "kept": result.kept}
             x_next = _run(bs.block, x, kwargs, self.chunk)
-            x_ft = _run(bs.block, x_ft, kwargs, self.chunk)
+            x_ft = _run(bs.block, x_ft, ft_kwargs, self.chunk)
         weights = {site: bs.linears(site)[0].weight for site in SITES}  # as the model holds them (fine-tuned or not)
         act_scale = {site: w.act_scale.item() for site, w in weights.items() if w.act_mode == "static"}
         plan = BlockPlan(act_clip=act_clip, k_clip=k_clip, v_clip=v_clip, mse_before=mse_minmax,
@@ -385,12 +387,13 @@ def calibrate_blocks(model: nn.Module, blocks: list[BlockSites], tokens: torch.T
     """Steps 1-3 for every block in order (and block-wise fine-tuning on `ft_tokens`, when given); returns the
     per-block plans and the statistics gathered."""
     x, kwargs = capture_block_inputs(model, blocks[0].block, tokens)
-    x_ft = capture_block_inputs(model, blocks[0].block, ft_tokens)[0] if ft_tokens is not None else None
+    # the fine-tuning stream has its own length (ft_seqlen), so its own rotary embeddings and mask
+    x_ft, ft_kwargs = capture_block_inputs(model, blocks[0].block, ft_tokens) if ft_tokens is not None else (None, None)
     cal = BlockCalibrator(config)
     plans = []
     bar = tqdm(blocks, desc="calibrating blocks" + (" + fine-tuning" if x_ft is not None else ""), leave=False)
     for bs in bar:
-        x, x_ft, plan = cal(bs, x, kwargs, x_ft)
+        x, x_ft, plan = cal(bs, x, kwargs, x_ft, ft_kwargs)
         plans.append(plan)
         if plan.finetune is not None:
             bar.set_postfix(ft_loss=f"{plan.finetune['loss_before']:.3g}->{plan.finetune['loss_after']:.3g}")

@@ -56,3 +56,12 @@ def test_the_fine_tuned_model_compiles_and_round_trips(runs, tmp_path):
     ids = torch.randint(3, 512, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_the_fine_tuning_stream_may_be_longer_than_the_calibration_windows():
+    """ft_seqlen != grid_seqlen (the paper: 1024-token fine-tuning after 512-token calibration): the fine-tuning
+    stream runs with its own rotary embeddings (it failed with a shape mismatch when it reused the grid's)."""
+    model, tok = pq_ao.load_model("stories260k", dtype=torch.float32)
+    kw = {**KW, "ft_seqlen": 192, "ft_samples": 2, "ft_epochs": 1}
+    report = pq_ao.quantize_(model, pq_ao.prefixquant_w4a4(finetune=True, **kw), tokenizer=tok)
+    assert all(plan.finetune["steps"] == 2 for plan in report.blocks)
