@@ -22,9 +22,9 @@ def test_block_output_and_errors_equal_fresh_passes(monkeypatch, config):
     original = BlockCalibrator.__call__
     checked = []
 
-    def checking(self, bs, x, kwargs, x_ft=None):
+    def checking(self, bs, x, kwargs, x_ft=None, ft_kwargs=None):
         y = _run(bs.block, x, kwargs, self.chunk)  # the block is still full precision
-        x_next, x_ft_next, plan = original(self, bs, x, kwargs, x_ft)
+        x_next, x_ft_next, plan = original(self, bs, x, kwargs, x_ft, ft_kwargs)
         fresh = _run(bs.block, x, kwargs, self.chunk)
         assert torch.equal(x_next, fresh), f"block {bs.index}: the handed-on output is not the calibrated block's"
         assert plan.mse_after == _mse(fresh, y)
