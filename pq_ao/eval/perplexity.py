@@ -92,7 +92,7 @@ def perplexity(
         batch = windows[i : i + batch_size]
         inputs = torch.cat([prefix.expand(len(batch), -1), batch], dim=1).to(device)
         logits = model(input_ids=inputs, use_cache=False).logits[:, len(prefix) :]
-        nll += _window_nll_sum(logits, batch.to(device))
+        nll += _window_nll_sum(logits, inputs[:, len(prefix) :])
     n_tokens = len(windows) * (seqlen - 1)
     mean = nll / n_tokens
     return PerplexityResult(
