@@ -11,7 +11,9 @@ the model's `position_embeddings`) and adds, in this order after RoPE:
 4. With a `QuantizedKVCache`, the new tokens' K/V are stored as int4/int8 codes and attention reads them (decode:
    `pq_ao::kv_attention` on the codes; prefill: SDPA on the dequantized slots), with the same values as 2.
 5. Without a mask, queries over their own keys (a forward without cache, a prefill into an empty HF cache) take
-   SDPA's causal kernels with the prefix put in front (`_causal_with_prefix`).
+   SDPA's causal kernels with the prefix put in front (`_causal_with_prefix`). With a mask (a prefill into the int
+   cache's slots, padding), compiled CUDA graphs take FlexAttention with a block mask (`flex_prefix`), other runs
+   SDPA with the mask materialised.
 
 Invariant: with no prefix, no quantizers and `rotate_qk=False`, outputs equal the wrapped module's (same math).
 """
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pq_ao import quant_math
+from pq_ao.nn import flex_prefix
 from pq_ao.nn.kv_cache import QuantizedKVCache
 
 
@@ -265,7 +268,9 @@ class PrefixAttention(nn.Module):
         return out[:, :, p:]
 
     def _attend(self, q, k, v, attention_mask):
-        """softmax(Q [K_prefix; K]^T * scaling) [V_prefix; V] with the prefix visible to every query."""
+        """softmax(Q [K_prefix; K]^T * scaling) [V_prefix; V] with the prefix visible to every query. Compiled on
+        CUDA, a masked prefill goes through FlexAttention (`flex_prefix`); otherwise SDPA with the mask widened by
+        the prefix columns."""
         bsz, _, q_len, _ = q.shape
         kv_len = k.shape[2]
         if attention_mask is None and q_len == kv_len and q_len > 1:
@@ -274,6 +279,9 @@ class PrefixAttention(nn.Module):
         if p:
             k = torch.cat([self.prefix_k.to(k.dtype).expand(bsz, -1, -1, -1), k], dim=2)
             v = torch.cat([self.prefix_v.to(v.dtype).expand(bsz, -1, -1, -1), v], dim=2)
+        keep = _keep_mask(attention_mask, q_len, kv_len, q.device) if q_len > 1 and flex_prefix.usable(q) else None
+        if keep is not None:
+            return flex_prefix.prefix_flex_attention(q, k, v, keep, p, self.scaling)
         mask = _extend_mask(attention_mask, q_len, kv_len, p, q.device)
         is_causal = mask is None and q_len > 1
         if self.n_kv_heads != self.n_heads:
@@ -292,14 +300,29 @@ def _merge_heads(out: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).reshape(b, t, h * d)
 
 
+def _causal(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Bool `[q_len, kv_len]`: the queries are the last `q_len` of the `kv_len` keys, each seeing itself and earlier."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+
+
+def _keep_mask(mask, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+    """The HF mask over the cache as bool `[B, q_len, kv_len]` (True = visible; None = causal), or None when it is
+    not a visibility mask shared by the heads (an additive float mask, a per-head mask)."""
+    if mask is None:
+        return _causal(q_len, kv_len, device)[None]
+    if mask.dtype != torch.bool or mask.dim() not in (3, 4) or (mask.dim() == 4 and mask.shape[1] != 1):
+        return None
+    keep = mask[:, 0] if mask.dim() == 4 else mask
+    return keep[..., :kv_len]
+
+
 def _extend_mask(mask, q_len: int, kv_len: int, prefix_len: int, device) -> torch.Tensor | None:
     """The HF mask over the cache (None = causal, bool = keep, float = additive), widened by `prefix_len` visible
     columns on the left. Returns None when plain causal attention without a prefix suffices."""
     if mask is None:
         if prefix_len == 0 and (q_len == kv_len or q_len == 1):
             return None  # SDPA's is_causal (or a single query seeing everything) is exact here
-        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
-        mask = causal[None, None]
+        mask = _causal(q_len, kv_len, device)[None, None]
     mask = mask[..., :kv_len]
     if prefix_len == 0:
         return mask
