@@ -21,7 +21,7 @@ from pq_ao.calibration.outliers import find_prefix, token_decoder, token_max_sum
 from pq_ao.calibration.sites import block_sites
 from pq_ao.config import PrefixQuantConfig
 from pq_ao.kernels import enable_compile_memo
-from pq_ao.passes import attach_attention, check_supported, find_structure, fold_norms, rotate_model
+from pq_ao.passes import attach_attention, check_supported, find_structure, fold_norms, fuse_projections, rotate_model
 from pq_ao.passes.prefix import install_prefix
 from pq_ao.state import PrefixQuantState, QuantizationReport, require_state, state_of
 
@@ -177,6 +177,9 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
     lap("grid_search")
     t.pop("start"), t.pop("_last")
     log.info("quantized in %.1f s (%s)", sum(t.values()), ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
+    if config.fuse_projections:
+        fused = fuse_projections(model)
+        log.info("fused %d q/k/v and gate/up groups into single linears", len(fused))
     report = QuantizationReport(config=config.to_dict(), prefix=prefix, blocks=plans, seconds=t, calibration=used)
     enable_compile_memo()  # the model now runs our kernels: compiling it should not repeat their analysis
     state.config, state.report = config, report

@@ -40,6 +40,11 @@ class PrefixQuantConfig(AOBaseConfig):
     the weights (`ft_lr_weight`) and on every quantizer scale (`ft_lr_scale`), cosine to a tenth. The defaults suit
     a CPU; the paper's W4A4KV4 setting is 512 x 1024 tokens and 20 epochs (a GPU).
 
+    `fuse_projections`: at the end, q/k/v and gate/up (the linears of one activation site) become one linear each
+    (`pq_ao.passes.fuse`): one quantized input and one GEMM per site, the same results. The model then has
+    `self_attn.qkv_proj` and `mlp.gate_up_proj` instead; `pq_ao.passes.unfuse_projections` gives the separate
+    linears back.
+
     Calibration data: a LongTensor of token ids `[n, seqlen]`, a list of strings (tokenized with the model's
     tokenizer), or a dataset name from `pq_ao.data` (default `"c4"`). `n_samples x seqlen` tokens feed the outlier
     search; `grid_samples x grid_seqlen` feed the block-wise calibration (min-max statistics and grid search).
@@ -77,6 +82,7 @@ class PrefixQuantConfig(AOBaseConfig):
     grid_samples: int = 2
     grid_seqlen: int = 512
     seed: int = 0
+    fuse_projections: bool = True
     version: int = field(default=1, repr=False)
 
     def __post_init__(self):

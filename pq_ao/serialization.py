@@ -28,6 +28,7 @@ from torch import nn
 
 from pq_ao.kernels import enable_compile_memo
 from pq_ao.nn.attention import KVQuantizer, PrefixAttention
+from pq_ao.passes.fuse import fuse_projections, unfused
 from pq_ao.passes.prefix import attach_prefix_positions
 from pq_ao.state import PrefixQuantState, require_state
 from pq_ao.tensors import IntxLinearWeight
@@ -48,8 +49,20 @@ def _kv_spec(q: KVQuantizer | None) -> dict | None:
 
 
 def save_quantized(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
-    """Write a quantized model (from `pq_ao.quantize_`) to directory `path`."""
-    path = Path(path)
+    """Write a quantized model (from `pq_ao.quantize_`) to directory `path`. Fused q/k/v and gate/up linears are
+    written as the separate linears (`pq_ao.passes.unfused`), so a directory does not depend on the fusion."""
+    with unfused(model):
+        return _save(model, Path(path), tokenizer)
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous and owning its storage (safetensors refuses tensors that share one, such as the views of a
+    fused weight)."""
+    t = t.contiguous()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
+def _save(model: nn.Module, path: Path, tokenizer) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     linears, attention, tensors = {}, {}, {}
     for name, mod in model.named_modules():
@@ -67,9 +80,9 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     for key, t in model.state_dict().items():
         if isinstance(t, IntxLinearWeight):
             for field in t.__tensor_flatten__()[0]:
-                tensors[f"{key}.{field}"] = getattr(t, field).contiguous()
+                tensors[f"{key}.{field}"] = _owned(getattr(t, field))
         else:
-            tensors[key] = t.contiguous()
+            tensors[key] = _owned(t)
     if not linears:
         raise ValueError("the model has no IntxLinearWeight: quantize it with pq_ao.quantize_ first")
     state = require_state(model)
@@ -222,6 +235,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", verify:
     if state.prefix_ids:
         attach_prefix_positions(model, state.prefix_ids)
     _restore_buffer_dtypes(model, meta.get("buffer_dtypes", {}))
+    if state.config.fuse_projections:
+        fuse_projections(model)
     model = model.to(device).eval()
     enable_compile_memo()
     tokenizer = None

@@ -8,6 +8,8 @@ import torch
 import pq_ao
 from pq_ao import IntxLinearWeight, prefixquant_w4a4, prefixquant_w8a8, quarot_w4a4
 from pq_ao.nn.attention import PrefixAttention
+from pq_ao.nn.fused_linear import FusedGatedMLP
+from pq_ao.passes import unfused
 from pq_ao.state import state_of
 
 SMALL = dict(n_samples=8, seqlen=128, grid_samples=2, grid_seqlen=128)
@@ -54,13 +56,17 @@ def w4a4():
 
 def test_every_decoder_linear_is_converted_and_the_prefix_is_installed(w4a4):
     model, tok, report = w4a4
-    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
-    assert len(linears) == 5 * 7
-    for lin in linears:
-        w = lin.weight
-        assert isinstance(w, IntxLinearWeight)
-        assert (w.w_bits, w.a_bits, w.act_mode) == (4, 4, "static")
-        assert w.act_scale.item() > 0
+    # q/k/v and gate/up run fused (PrefixQuantConfig.fuse_projections); `unfused` shows the seven linears per block
+    assert all(layer.self_attn.qkv_proj is not None and not hasattr(layer.self_attn, "q_proj")
+               and isinstance(layer.mlp, FusedGatedMLP) for layer in model.model.layers)  # fmt: skip
+    with unfused(model):
+        linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+        assert len(linears) == 5 * 7
+        for lin in linears:
+            w = lin.weight
+            assert isinstance(w, IntxLinearWeight)
+            assert (w.w_bits, w.a_bits, w.act_mode) == (4, 4, "static")
+            assert w.act_scale.item() > 0
     assert not isinstance(model.lm_head.weight, IntxLinearWeight)
     downs = [layer.mlp.down_proj.weight for layer in model.model.layers]
     assert all(w.had_k is not None for w in downs)  # R4 moved into the weight
@@ -124,7 +130,7 @@ def test_compile_fullgraph_matches_eager(w4a4, eval_ids):
 
 def test_quarot_baseline_is_dynamic_without_prefix():
     model, _, report = _quantized(quarot_w4a4(**SMALL))
-    w = model.model.layers[0].self_attn.q_proj.weight
+    w = model.model.layers[0].self_attn.qkv_proj.weight
     assert w.act_mode == "dynamic" and w.act_clip is not None and 0.6 <= w.act_clip.item() <= 1.0
     assert report.prefix is None and model.model.layers[0].self_attn.prefix_len == 0
     assert model.model.layers[0].self_attn.k_quant.mode == "dynamic"
@@ -139,7 +145,7 @@ def test_token_id_calibration_and_torchao_configs_pass_through():
         pq_ao.quantize_(model, prefixquant_w4a4(**SMALL))
     cfg = prefixquant_w4a4(calibration=_calib(), prefix=False, **{k: v for k, v in SMALL.items() if "samples" in k})
     pq_ao.quantize_(model, cfg)
-    assert isinstance(model.model.layers[0].mlp.up_proj.weight, IntxLinearWeight)
+    assert isinstance(model.model.layers[0].mlp.gate_up_proj.weight, IntxLinearWeight)
 
     from torchao.quantization import Int8WeightOnlyConfig
 

@@ -140,6 +140,7 @@ class PrefixAttention(nn.Module):
         self.is_causal = True
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, getattr(attn, name))
+        self.qkv_proj = None  # a FusedLinear in place of q/k/v_proj once `pq_ao.passes.fuse` ran
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
         self._rope = _model_rope(attn)
@@ -205,9 +206,11 @@ class PrefixAttention(nn.Module):
         cache = cache if cache is not None else past_key_values  # renamed in transformers 5.24 (hf_compat)
         bsz, q_len = hidden_states.shape[:2]
         hidden_shape = (bsz, q_len, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(hidden_shape)
-        k = self.k_proj(hidden_states).view(hidden_shape)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(hidden_states)
+        else:
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.k_norm is not None:

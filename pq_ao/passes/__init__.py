@@ -3,6 +3,7 @@ the prefix (and, in `convert`, turn calibrated linears into `IntxLinearWeight`s)
 
 from pq_ao.passes.capture import StructureError, capture_block, find_blocks, trace_model
 from pq_ao.passes.fold_norms import fold_norms, untie_embeddings
+from pq_ao.passes.fuse import fuse_projections, unfuse_projections, unfused
 from pq_ao.passes.prefix import attach_prefix_positions, install_prefix, remove_prefix
 from pq_ao.passes.rotate import attach_attention, rotate_model
 from pq_ao.passes.structure import (
@@ -27,6 +28,9 @@ __all__ = [
     "find_blocks",
     "find_structure",
     "fold_norms",
+    "fuse_projections",
+    "unfuse_projections",
+    "unfused",
     "rotate_model",
     "trace_model",
     "untie_embeddings",

@@ -125,6 +125,43 @@ class IntxLinearWeight(TorchAOBaseTensor):
             act_clip = torch.as_tensor(act_clip, dtype=torch.float32, device=weight.device).reshape(1).clone()
         return cls(qdata, w_scale, w_bits, a_bits, act_mode, weight.shape, weight.dtype, act_scale, had_k, act_clip)
 
+    def same_input_quantization(self, other: "IntxLinearWeight") -> bool:
+        """Whether `other` quantizes its input exactly as this weight does (bits, mode, K, online Hadamard and the
+        activation range's value), so that one quantized input can feed both (`pq_ao.nn.fused_linear`)."""
+
+        def same(a, b):
+            return (a is None) == (b is None) and (a is None or (a.device == b.device and torch.equal(a, b)))
+
+        return (self.w_bits, self.a_bits, self.act_mode, self.dtype, self.shape[1], self.qdata.device) == (
+            other.w_bits, other.a_bits, other.act_mode, other.dtype, other.shape[1], other.qdata.device
+        ) and same(self.act_range, other.act_range) and same(self.had_k, other.had_k)  # fmt: skip
+
+    @classmethod
+    def concat(cls, weights: list["IntxLinearWeight"]) -> "IntxLinearWeight":
+        """The weights stacked along the output channels, `[sum N_i, K]`: one GEMM computes every output of linears
+        that read one input. They must quantize that input alike (`same_input_quantization`)."""
+        first = weights[0]
+        for i, w in enumerate(weights[1:], 1):
+            if not first.same_input_quantization(w):
+                raise ValueError(f"weight {i} quantizes its input differently from weight 0 (bits, mode, K, online "
+                                 "Hadamard or activation range): they cannot share one quantized input")
+        n = sum(w.shape[0] for w in weights)
+        act_scale, had_k, act_clip = (None if t is None else t.clone() for t in (first.act_scale, first.had_k,
+                                                                                first.act_clip))  # fmt: skip
+        return cls(torch.cat([w.qdata for w in weights]), torch.cat([w.scale for w in weights]), first.w_bits,
+                   first.a_bits, first.act_mode, (n, first.shape[1]), first.dtype, act_scale, had_k, act_clip)
+
+    def out_rows(self, start: int, length: int) -> "IntxLinearWeight":
+        """Output channels `start .. start + length - 1` as a weight of their own (its code and scale tensors are
+        views of this one's; the small activation tensors are copies)."""
+        if not 0 <= start <= start + length <= self.shape[0]:
+            raise ValueError(f"rows {start}..{start + length} are outside a weight of {self.shape[0]} output channels")
+        act_scale, had_k, act_clip = (None if t is None else t.clone() for t in (self.act_scale, self.had_k,
+                                                                               self.act_clip))  # fmt: skip
+        return IntxLinearWeight(self.qdata.narrow(0, start, length), self.scale.narrow(0, start, length), self.w_bits,
+                                self.a_bits, self.act_mode, (length, self.shape[1]), self.dtype, act_scale, had_k,
+                                act_clip)  # fmt: skip
+
     @property
     def act_range(self) -> torch.Tensor | None:
         """What sets the activation grid, fp32 `[1]`: the static scale (`act_mode` "static") or the clip factor on

@@ -67,8 +67,8 @@ def test_the_pipeline_rounds_with_gptq_on_the_same_grid():
         models[gptq] = copy.deepcopy(base)
         reports[gptq] = pq_ao.quantize_(models[gptq], pq_ao.prefixquant_w4a4(gptq=gptq, **kw), tokenizer=tok)
     assert reports[True].config["gptq"] and pq_ao.state.state_of(models[True]).config.name == "w4a4kv4-gptq"
-    w_rtn = models[False].model.layers[2].mlp.up_proj.weight
-    w_gptq = models[True].model.layers[2].mlp.up_proj.weight
+    w_rtn = models[False].model.layers[2].mlp.gate_up_proj.weight
+    w_gptq = models[True].model.layers[2].mlp.gate_up_proj.weight
     assert not torch.equal(w_rtn.qdata, w_gptq.qdata)
     torch.testing.assert_close(w_gptq.scale, w_rtn.scale, rtol=1e-5, atol=0)  # the same grid (up to earlier blocks)
     mse = {g: sum(b.mse_after for b in r.blocks) for g, r in reports.items()}
