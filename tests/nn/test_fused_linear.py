@@ -70,3 +70,22 @@ def test_what_cannot_be_fused_says_why():
         IntxLinearWeight.concat([static[0].weight, other_scale[0].weight])
     with pytest.raises(ValueError, match="outside"):
         static[0].weight.out_rows(8, 9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton / fp8 paths)")
+def test_fused_outputs_match_on_cuda():
+    """On CUDA every path of `static_linear` (the fused-quantize GEMV at one row, the int GEMM, the fp8 tensor-core
+    path from 512 rows): the fused linear's outputs are the separate linears' (bitwise on the integer paths, within
+    one bf16 rounding where `_scaled_mm` runs the epilogue)."""
+    linears = [lin.cuda().to(torch.bfloat16) for lin in _linears((256, 64, 64), 512, 4, 4, "static", False)]
+    fused = FusedLinear.from_linears(linears, ["q", "k", "v"])
+    for m in (1, 3, 40, 600):
+        x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).cuda().to(torch.bfloat16)
+        with torch.no_grad():
+            for lin, y in zip(linears, fused(x)):
+                want = lin(x)
+                if m < 512:
+                    assert torch.equal(y, want), m
+                else:
+                    assert ((y.float() - want.float()).abs() <= 2**-7 * want.float().abs() + 1e-3).all(), m
