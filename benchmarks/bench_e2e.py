@@ -1,5 +1,6 @@
 """End-to-end speed of a Llama-3-8B-shaped model on the GPU: bf16 vs PrefixQuant static W4A4KV4 vs QuaRot-style
-dynamic W4A4KV4 vs torchao's fp8-row (the peer), all through the same `torch.compile` settings.
+dynamic W4A4KV4 vs torchao's fp8-row (the prefill peer) and int4 weight-only (the decode peer), all through the same
+`torch.compile` settings.
 
 The model has the real shapes (hidden 4096, MLP 14336, 32 layers, 32 query / 8 KV heads, vocab 128256) and HF's
 random initialisation in bf16 (speed does not depend on the values; nothing is timed on zeros). The quantized
@@ -85,16 +86,34 @@ def gqa_aware(base):
     return base, {}
 
 
-def torchao_fp8row(base):
-    """The peer a Hopper user picks today: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) on every
-    decoder linear (lm_head stays bf16, as in the other models)."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+def _torchao_peer(base, config):
+    """`config` (a torchao config) on every decoder linear of a copy of `base` (lm_head stays bf16, as in the other
+    models), with the GQA-aware attention of the fair bf16 baseline: the peers differ from it in their linears only."""
+    from torchao.quantization import quantize_
 
     model = copy.deepcopy(base)
     t = time.perf_counter()
-    quantize_(model.model.layers, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    quantize_(model.model.layers, config)
     sync()
-    return model, {"quantize_s": time.perf_counter() - t}
+    gqa_aware(model)
+    return model, {"quantize_s": time.perf_counter() - t, "attention": "SDPA enable_gqa=True"}
+
+
+def torchao_fp8row(base):
+    """The prefill peer a Hopper user picks today: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return _torchao_peer(base, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+
+
+def torchao_int4wo(base):
+    """The decode peer: torchao's int4 weight-only, group 128, on tinygemm (`aten._weight_int4pack_mm`, in torch's
+    CUDA build: no extra wheel), the packing torchao documents for CUDA batch-1 speed."""
+    from torchao.quantization import Int4WeightOnlyConfig
+    from torchao.quantization.quant_api import Int4PackingFormat
+
+    return _torchao_peer(base, Int4WeightOnlyConfig(group_size=128,
+                                                    int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D))
 
 
 def quantized(base, kind: str, calib_samples: int):
@@ -297,7 +316,8 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=540)
     p.add_argument("--models", default="static,bf16,dynamic",
-                   help="of: bf16, bf16_gqa (GQA-aware SDPA: the fair decode baseline), static, dynamic, fp8row (torchao)")
+                   help="of: bf16, bf16_gqa (GQA-aware SDPA: the fair decode baseline), static, dynamic, fp8row and int4wo "
+                        "(torchao's fp8-row and int4 weight-only peers, with GQA-aware SDPA)")
     p.add_argument("--stages", default="prefill,decode_b1,decode_b16")
     p.add_argument("--profile", action="store_true", help="a profiler table of one call per stage")
     p.add_argument("--tiny", action="store_true", help="small shapes on the CPU: a smoke test of this script")
@@ -328,7 +348,7 @@ def main() -> None:
             break
         model = base
         if kind != "bf16":
-            make = {"fp8row": torchao_fp8row, "bf16_gqa": gqa_aware}.get(kind)
+            make = {"fp8row": torchao_fp8row, "int4wo": torchao_int4wo, "bf16_gqa": gqa_aware}.get(kind)
             model, info = make(base) if make else quantized(base, kind, args.calib_samples)
             for k, v in info.items():
                 row.setdefault(k, v)  # a resumed run keeps the first (uncontended) quantization time
