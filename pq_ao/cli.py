@@ -260,6 +260,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     arg("--grid-seqlen", type=int, help="grid-search sample length (default 512)"),
     arg("--no-grid-search", action="store_true", help="min-max scales only"),
     arg("--gptq", action="store_true", help="round the weights with GPTQ (on the same per-channel grid)"),
+    arg("--gptq-act-order", action="store_true", help="GPTQ rounds the columns by decreasing Hessian diagonal"),
     arg("--finetune", action="store_true", help="block-wise fine-tuning of weights and scales after the search"),
     arg("--ft-samples", type=int, help="fine-tuning samples (default 32)"),
     arg("--ft-seqlen", type=int, help="fine-tuning sample length (default 512)"),
@@ -277,7 +278,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                  "grid_seqlen": args.grid_seqlen, "ft_samples": args.ft_samples, "ft_seqlen": args.ft_seqlen,
                  "ft_epochs": args.ft_epochs}  # fmt: skip
     config = preset(args.config, calibration=args.calibration, seed=args.seed, grid_search=not args.no_grid_search,
-                    gptq=args.gptq, finetune=args.finetune, **{k: v for k, v in overrides.items() if v is not None})  # fmt: skip
+                    gptq=args.gptq, gptq_act_order=args.gptq_act_order, finetune=args.finetune,
+                    **{k: v for k, v in overrides.items() if v is not None})  # fmt: skip
     start = time.perf_counter()
     _check_writable_dir(args.out)
     with _progress("quantize") as log:

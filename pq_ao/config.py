@@ -33,7 +33,8 @@ class PrefixQuantConfig(AOBaseConfig):
     `gptq`: the weights are rounded by GPTQ (`pq_ao.calibration.gptq`: error feedback through the inverse Hessian
     of each linear's inputs, gathered per block on the quantized model's hidden states with the prefix present) on
     the same per-channel grid (min-max, or the clip factors of the grid search); `gptq_damp` is the damping as a
-    fraction of the mean Hessian diagonal, `gptq_block_size` the columns per lazy batch update.
+    fraction of the mean Hessian diagonal, `gptq_block_size` the columns per lazy batch update, `gptq_act_order` rounds
+    the columns by decreasing Hessian diagonal (act-order) instead of in their natural order.
 
     `finetune`: block-wise fine-tuning after each block's grid search (`pq_ao.calibration.finetune`, EfficientQAT's
     Block-AP as the paper uses it): `ft_samples x ft_seqlen` tokens, `ft_epochs` epochs of `ft_batch_size`, AdamW on
@@ -70,6 +71,7 @@ class PrefixQuantConfig(AOBaseConfig):
     gptq: bool = False
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
+    gptq_act_order: bool = False
     finetune: bool = False
     ft_samples: int = 32
     ft_seqlen: int = 512

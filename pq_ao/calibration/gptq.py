@@ -6,8 +6,11 @@ prefix KV installed, after the online Hadamard for down_proj), H = X^T X; quanti
 ||X (W - Q)^T||^2 one column at a time: column j is rounded to the grid, and its error, scaled by the Cholesky
 factor of H^-1, is subtracted from the columns j+1.. (in blocks of `block_size` columns, the lazy batch updates of
 the paper). The grid is fixed beforehand: the per-output-channel symmetric scale of `quant_math` (min-max, times
-the clip factors of the weight search when the grid search runs), as the paper's static-groups / no-act-order
-variant. Damping: `damp * mean(diag H)` on the diagonal; columns no input touches (diag H = 0) are set to 0.
+the clip factors of the weight search when the grid search runs). `act_order` quantizes the columns in order of
+decreasing diag H (the inputs with the most energy first, so their errors are fed into the most columns; the
+paper's "act-order", QuaRot's default): with one scale per output channel the grid does not depend on the column
+order, and the codes are put back in the natural order. Damping: `damp * mean(diag H)` on the diagonal; columns no
+input touches (diag H = 0) are set to 0.
 
 Invariant: the codes returned lie on the grid of the given scale (`quant_math.quantize(w, scale)` of the returned
 dequantized weight gives them back exactly), and for the same H the output error is at most RTN's up to the damping
@@ -23,9 +26,10 @@ from pq_ao import quant_math
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, bits: int, damp: float = 0.01,
-                  block_size: int = 128) -> torch.Tensor:
+                  block_size: int = 128, act_order: bool = False) -> torch.Tensor:
     """GPTQ codes of `w` `[N, K]` (int8, values on the `bits` grid) for per-row scales `scale` `[N]` (or `[N, 1]`),
-    given `gram` = X^T X `[K, K]`. Computed in float64 (a few K x K factorizations: cheap next to the block passes)."""
+    given `gram` = X^T X `[K, K]`; `act_order`: columns by decreasing diag H. Computed in float64 (a few K x K
+    factorizations: cheap next to the block passes)."""
     if w.dim() != 2 or gram.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"w must be [N, K] and gram [K, K]; got {list(w.shape)}, {list(gram.shape)}")
     if not 0 <= damp < 1 or block_size < 1:
@@ -37,6 +41,9 @@ def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, bits
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype, device=H.device)
     L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper Cholesky factor of H^-1
@@ -54,4 +61,6 @@ def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, bits
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if act_order:
+        Q = Q[:, torch.argsort(perm)]
     return Q

@@ -196,7 +196,7 @@ class BlockCalibrator:
                 plan.weight_scales = [quant_math.per_channel_scale(lin.weight.detach().float(), cfg.w_bits, clip)
                                       for lin, clip in zip(lins, clips)]  # fmt: skip
                 plan.weights = [gptq_quantize(lin.weight.detach().float(), grams[site], s, cfg.w_bits, cfg.gptq_damp,
-                                              cfg.gptq_block_size).float() * s[:, None]
+                                              cfg.gptq_block_size, cfg.gptq_act_order).float() * s[:, None]
                                 for lin, s in zip(lins, plan.weight_scales)]  # fmt: skip
             new = convert_site(lins, plan, w_bits=cfg.w_bits, a_bits=cfg.a_bits, act_mode=cfg.act_mode)
             for lin, mod in zip(lins, new):
