@@ -1,5 +1,6 @@
 """Linear-layer benchmark on the GPU: pq_ao's Triton W4A4 / W4A8 / W8A8 kernels against bf16 cuBLAS, torch._int_mm,
-fp8 _scaled_mm, a QuaRot-style dynamic per-token W4A4 linear and torchao's Int8DynamicActivationInt8WeightConfig.
+fp8 _scaled_mm, a QuaRot-style dynamic per-token W4A4 linear, torchao's Int8DynamicActivationInt8WeightConfig and
+torchao's int4 weight-only (tinygemm: the batch-1 decode peer).
 
     PYTHONPATH=. python benchmarks/bench_linear.py --out benchmarks/results [--tune] [--quick]
 
@@ -42,7 +43,8 @@ from pq_ao.kernels.triton.gemm import (  # noqa: E402
     skinny_config,
 )
 
-SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (N, K): qkv-ish/o, k/v, gate/up, down
+# (N, K): o_proj, k/v, gate or up, down, and the fused q/k/v and gate/up the model runs (pq_ao.passes.fuse)
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (6144, 4096), (28672, 4096)]
 MS = [1, 4, 16, 64, 256, 1024, 2048, 4096, 8192]
 DATE = "2026-11-23"
 
@@ -134,6 +136,22 @@ def m_torchao(m, n, k, dev, cfg_for):
     return calls, per_call, "eager (not graph-capturable), per-token dynamic int8 act, _int_mm"
 
 
+def m_torchao_int4wo(m, n, k, dev, cfg_for):
+    """The batch-1 decode peer: torchao's int4 weight-only, group 128, tinygemm (`aten._weight_int4pack_mm`)."""
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+    from torchao.quantization.quant_api import Int4PackingFormat
+
+    config = Int4WeightOnlyConfig(group_size=128, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
+    per_call = n * k // 2 + n * (k // 128) * 4 + m * k * 2 + m * n * 2
+    calls = []
+    for _ in range(rotations(per_call, cap=8)):
+        lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
+        quantize_(lin, config)
+        x = act(m, k, dev)
+        calls.append(lambda lin=lin, x=x: lin(x))
+    return calls, per_call, "torchao Int4WeightOnlyConfig(128, tile_packed_to_4d): tinygemm, bf16 activations"
+
+
 METHODS = {
     "bf16": m_bf16,
     "w4a4_linear": lambda m, n, k, d, c: _ours(m, n, k, d, 4, 4, True, c),
@@ -144,6 +162,7 @@ METHODS = {
     "fp8_rowwise": m_fp8,
     "quarot_w4a4_linear": lambda m, n, k, d, c: _ours(m, n, k, d, 4, 4, True, c, dynamic=True),
     "torchao_int8dyn": m_torchao,
+    "torchao_int4wo": m_torchao_int4wo,
 }
 
 
