@@ -40,7 +40,9 @@ from pq_ao.kernels.triton import fp8_linear, hadamard, linear  # noqa: E402
 
 DEV = "cuda"
 # (N, K, online Hadamard): q/o, k/v, gate/up, fused gate+up, down (R4: 14336 = 28 x 512)
-SHAPES = [(4096, 4096, False), (1024, 4096, False), (14336, 4096, False), (28672, 4096, False), (4096, 14336, True)]
+# (N, K, online Hadamard): o_proj, k/v, gate or up, down; 6144 and 28672 are the fused q/k/v and gate/up the model runs
+SHAPES = [(4096, 4096, False), (1024, 4096, False), (14336, 4096, False), (6144, 4096, False), (28672, 4096, False),
+          (4096, 14336, True)]
 MS = [512, 1024, 2048, 8192]
 TORCHAO_MS = (2048, 8192)  # each shape is a compile: the peer at the prefill sizes only
 
