@@ -191,8 +191,12 @@ class PrefixAttention(nn.Module):
         self.prefix_v = v.detach().clone(memory_format=torch.contiguous_format)
 
     # ---- forward --------------------------------------------------------------------------------------------
-    def _r3(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.pq_ao.hadamard_transform(x, self.r3_had_k)
+    def _r3(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """R3 on Q and K, `[B, H, T, D]` and `[B, H_kv, T, D]`, in one transform launch over their heads side by
+        side (a transform per row of D: the same values as two launches; compiled, RoPE writes into the joined
+        buffer)."""
+        qk = torch.ops.pq_ao.hadamard_transform(torch.cat([q, k], dim=1), self.r3_had_k)
+        return qk.split([q.shape[1], k.shape[1]], dim=1)
 
     def forward(
         self,
@@ -218,7 +222,7 @@ class PrefixAttention(nn.Module):
         cos, sin = position_embeddings
         q, k = self._rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         if self.rotate_qk:
-            q, k = self._r3(q), self._r3(k)
+            q, k = self._r3(q, k)
         if self.qkv_probe._forward_hooks:  # only while calibration observes (no module call otherwise)
             self.qkv_probe(q, k, v)
         if isinstance(cache, QuantizedKVCache):

@@ -98,3 +98,15 @@ def test_prefix_positions_shift_real_tokens():
     wrapped = PrefixPositions(Rotary(), offset=3)
     wrapped(torch.zeros(1), torch.arange(4)[None])
     assert torch.equal(seen[0], torch.arange(3, 7)[None])
+
+
+def test_r3_of_q_and_k_in_one_launch_is_two_transforms():
+    """`_r3` joins the Q and K heads for one transform launch; each row gets the transform it gets alone."""
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    attn = PrefixAttention(LlamaAttention(config, layer_idx=0), rotate_qk=True)
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(3, 4, 5, 16, generator=gen), torch.randn(3, 2, 5, 16, generator=gen)
+    q2, k2 = attn._r3(q, k)
+    assert q2.shape == q.shape and k2.shape == k.shape
+    assert torch.equal(q2, torch.ops.pq_ao.hadamard_transform(q, attn.r3_had_k))
+    assert torch.equal(k2, torch.ops.pq_ao.hadamard_transform(k, attn.r3_had_k))
