@@ -24,7 +24,7 @@ from pq_ao.kernels import cpu, reference
 
 __all__ = [
     "hadamard_transform", "quantize_static", "hadamard_quantize_static", "quantize_dynamic", "int_linear",
-    "static_linear", "kv_attention",
+    "static_linear", "swiglu_static_linear", "kv_attention",
 ]
 
 
@@ -42,6 +42,7 @@ _triton_hadamard_quantize_static = _launcher("hadamard_quantize_static")
 _triton_quantize_dynamic = _launcher("quantize_dynamic")
 _triton_int_linear = _launcher("int_linear")
 _triton_static_linear = _launcher("static_linear")
+_triton_swiglu_static_linear = _launcher("swiglu_static_linear")
 _triton_kv_attention = _launcher("kv_attention")
 
 
@@ -117,11 +118,36 @@ def static_linear(
     that each device can pick its path per shape (CUDA: `pq_ao.kernels.triton.linear`), with the same integers."""
     if _on_cuda(x) and _triton_static_linear is not None:
         return _triton_static_linear(x, x_scale, had_k, wq, w_scale, bias, a_bits, w_bits, out_dtype)
+    return _cpu_static_linear(x, x_scale, had_k, wq, w_scale, bias, a_bits, w_bits, out_dtype)
+
+
+def _cpu_static_linear(x, x_scale, had_k, wq, w_scale, bias, a_bits, w_bits, out_dtype):
     if had_k is not None:
         xq = reference.hadamard_quantize_static(x, had_k, x_scale, a_bits)
     else:
         xq = reference.quantize_static(x, x_scale, a_bits)
     return _cpu_int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
+
+
+@torch.library.triton_op("pq_ao::swiglu_static_linear", mutates_args=())
+def swiglu_static_linear(
+    gate_up: torch.Tensor,
+    x_scale: torch.Tensor,
+    had_k: Optional[torch.Tensor],
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    a_bits: int,
+    w_bits: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """A gated MLP's down_proj from its joined gate/up projection `[..., 2K]` (gate first):
+    `static_linear(silu(gate) * up, ...)` (`reference.swiglu`). On CUDA the gating happens in the loads of the
+    (Hadamard +) quantizer, so `silu(gate) * up` is never written out."""
+    if _on_cuda(gate_up) and _triton_swiglu_static_linear is not None:
+        return _triton_swiglu_static_linear(gate_up, x_scale, had_k, wq, w_scale, bias, a_bits, w_bits, out_dtype)
+    return _cpu_static_linear(reference.swiglu(gate_up), x_scale, had_k, wq, w_scale, bias, a_bits, w_bits,
+                              out_dtype)  # fmt: skip
 
 
 @torch.library.triton_op("pq_ao::kv_attention", mutates_args=())
@@ -196,5 +222,6 @@ def _static_linear_backward(ctx, grad):
 hadamard_transform.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
 int_linear.register_autograd(_int_linear_backward, setup_context=_int_linear_setup)
 static_linear.register_autograd(_static_linear_backward, setup_context=_static_linear_setup)
+swiglu_static_linear.register_autograd(_static_linear_backward, setup_context=_static_linear_setup)
 for _op in (quantize_static, hadamard_quantize_static, quantize_dynamic, kv_attention):
     _op.register_autograd(_no_grads, setup_context=_save_num_inputs)

@@ -114,6 +114,16 @@ def hadamard_quantize_static(x: torch.Tensor, had_k: torch.Tensor, scale: torch.
     return _pack(quant_math.quantize(y, scale, bits), bits)
 
 
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` from a gated MLP's joined projection `[..., 2n]` (gate first), in its dtype: what an HF MLP
+    computes eagerly (`act_fn(gate_proj(x)) * up_proj(x)`), the input of its down_proj."""
+    _check_float(gate_up, "gate_up")
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up must hold gate and up side by side (an even last dim), got {gate_up.shape[-1]}")
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
 def quantize_dynamic(
     x: torch.Tensor, bits: int, clip: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pq_ao.tensors import IntxLinearWeight
+from pq_ao.tensors.intx_weight import swiglu_linear
 
 __all__ = ["FusedLinear", "FusedGatedMLP", "fusable"]
 
@@ -91,7 +92,8 @@ class FusedLinear(nn.Module):
 
 
 class FusedGatedMLP(nn.Module):
-    """A gated MLP, `down_proj(act_fn(gate_proj(x)) * up_proj(x))`, with gate and up as one `FusedLinear`.
+    """A gated MLP, `down_proj(act_fn(gate_proj(x)) * up_proj(x))`, with gate and up as one `FusedLinear`; with SiLU
+    and a quantized down_proj, the gating goes into down_proj's input quantizer (`swiglu_linear`).
 
     Built by `pq_ao.passes.fuse` from an HF MLP module (`original`, kept unregistered so that `unfuse` can give it
     back with its gate/up restored); `down_proj` and `act_fn` are the original's own modules."""
@@ -104,8 +106,20 @@ class FusedGatedMLP(nn.Module):
         object.__setattr__(self, "_original", original)  # not a submodule: its weights are the ones above
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x)
+        fused = self.gate_up_proj
+        if self._gating_fusable():
+            gate_up = F.linear(x, fused.weight, fused.bias)  # [..., 2 x intermediate], gate first
+            return swiglu_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+        gate, up = fused(x)
         return self.down_proj(self.act_fn(gate) * up)
+
+    def _gating_fusable(self) -> bool:
+        """SiLU gating into a quantized down_proj: `silu(gate) * up` goes to down_proj's kernel as the joined
+        projection (`swiglu_linear`), never written out on CUDA. A trace-time constant."""
+        silu = isinstance(self.act_fn, nn.SiLU) or type(self.act_fn).__name__ == "SiLUActivation"
+        widths = self.gate_up_proj.out_features
+        return (silu and isinstance(getattr(self.down_proj, "weight", None), IntxLinearWeight)
+                and len(widths) == 2 and widths[0] == widths[1] == self.down_proj.weight.shape[1])  # fmt: skip
 
     def unfuse(self) -> nn.Module:
         """The original MLP module with gate_proj / up_proj whose weights are views of the fused one's."""

@@ -23,7 +23,7 @@ from torchao.utils import TorchAOBaseTensor
 from pq_ao import hadamard, quant_math
 from pq_ao.kernels import ops
 
-__all__ = ["IntxLinearWeight"]
+__all__ = ["IntxLinearWeight", "swiglu_linear"]
 
 aten = torch.ops.aten
 
@@ -225,6 +225,21 @@ def _quantized_linear(x: torch.Tensor, w: IntxLinearWeight, bias: torch.Tensor |
             xq, x_scale = ops.quantize_dynamic(x2, w.a_bits, w.act_clip)
             y = ops.int_linear(xq, x_scale, w.qdata, w.scale, bias, w.a_bits, w.w_bits, x.dtype)
     return y.reshape(*x.shape[:-1], n)
+
+
+def swiglu_linear(gate_up: torch.Tensor, w: IntxLinearWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(silu(gate) * up, w, bias)` from a gated MLP's joined gate/up projection `[..., 2K]` (gate first):
+    a static weight runs `pq_ao::swiglu_static_linear` (on CUDA the gating happens in its input quantizer), other
+    modes the plain form."""
+    n, k = w.shape
+    if gate_up.shape[-1] != 2 * k:
+        raise ValueError(f"gate_up has {gate_up.shape[-1]} features, the weight expects 2 x {k} (gate, then up)")
+    if w.act_mode != "static":
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w, bias)
+    y = ops.swiglu_static_linear(gate_up.reshape(-1, 2 * k).detach(), w.act_scale, w.had_k, w.qdata, w.scale, bias,
+                                 w.a_bits, w.w_bits, gate_up.dtype)  # fmt: skip
+    return y.reshape(*gate_up.shape[:-1], n)
 
 
 @implements(aten.linear.default)

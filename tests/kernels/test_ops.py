@@ -126,3 +126,28 @@ def test_op_errors_surface():
         OPS.quantize_static(x, torch.tensor(0.1), 4)
     with pytest.raises(ValueError, match="K \\* 2\\*\\*m"):
         OPS.hadamard_transform(x[:, :40], had_k)
+
+
+def test_static_linears_are_the_reference_composition():
+    """`static_linear` = int_linear(hadamard_quantize_static(x)) and `swiglu_static_linear` the same of
+    `reference.swiglu(gate_up)`, bitwise on the CPU; registered for fake tensors, autograd (the bias) and compile."""
+    x, had_k, xs, wq, ws, bias = _inputs(7)
+    gen = torch.Generator().manual_seed(7)
+    gate_up = torch.randn(x.shape[0], 2 * x.shape[1], generator=gen)
+    for hk in (had_k, None):
+        for inp, op, act in ((x, OPS.static_linear, x), (gate_up, OPS.swiglu_static_linear, ref.swiglu(gate_up))):
+            xq = ref.hadamard_quantize_static(act, hk, xs, 4) if hk is not None else ref.quantize_static(act, xs, 4)
+            want = ref.int_linear(xq, xs, wq, ws, bias, 4, 4, torch.float32)
+            assert torch.equal(op(inp, xs, hk, wq, ws, bias, 4, 4, torch.float32), want)
+    b = bias.clone().requires_grad_()
+    torch.library.opcheck(OPS.swiglu_static_linear, (gate_up, xs, had_k, wq, ws, b, 4, 4, torch.float32),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))  # fmt: skip
+    gy = torch.randn(x.shape[0], wq.shape[0], generator=gen)
+    (OPS.swiglu_static_linear(gate_up, xs, had_k, wq, ws, b, 4, 4, torch.float32) * gy).sum().backward()
+    assert torch.equal(b.grad, gy.sum(0))
+    torch.compiler.reset()
+    fn = torch.compile(lambda g: OPS.swiglu_static_linear(g, xs, had_k, wq, ws, bias, 4, 4, torch.float32),
+                       fullgraph=True, backend="aot_eager")  # fmt: skip
+    assert torch.equal(fn(gate_up), OPS.swiglu_static_linear(gate_up, xs, had_k, wq, ws, bias, 4, 4, torch.float32))
+    with pytest.raises(ValueError, match="even last dim"):
+        OPS.swiglu_static_linear(gate_up[:, 1:], xs, None, wq, ws, bias, 4, 4, torch.float32)

@@ -44,6 +44,7 @@ def test_fusing_keeps_the_outputs_and_unfusing_restores_them(separate):
             for got, want in zip(layer.self_attn.qkv_proj(x), qkv):
                 assert torch.equal(got, want)
             assert torch.equal(separate.model.layers[1].mlp.gate_up_proj(x)[0], gate)
+            assert separate.model.layers[1].mlp._gating_fusable()  # SiLU into down_proj's quantizer
             fused = separate(input_ids=ids).logits
             assert ((fused - before).norm() / before.norm()) < 1e-5  # SiLU on strided views may round differently
         finally:

@@ -6,7 +6,7 @@ from .attention import AttnConfig, kv_attention, kv_attention_with_config
 from .fp8_linear import e4m3_int4_linear, widen_int4_e4m3
 from .gemm import GemmConfig, int_linear, int_linear_with_config, pick_config
 from .hadamard import hadamard_quantize_static, hadamard_quantize_static_e4m3, hadamard_transform
-from .linear import static_linear
+from .linear import static_linear, swiglu_static_linear
 from .quant import quantize_dynamic, quantize_static, quantize_static_e4m3
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "AttnConfig",
     "int_linear_with_config",
     "static_linear",
+    "swiglu_static_linear",
     "quantize_static_e4m3",
     "hadamard_quantize_static_e4m3",
     "widen_int4_e4m3",

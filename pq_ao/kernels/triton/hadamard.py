@@ -16,7 +16,9 @@ fp16/fp32 inputs are split the same way for the first product. A row of more tha
 (n > 16384 for powers of two) or a power-of-2 part under 16 goes to a plain-torch fallback.
 
 Fused quantization (`hadamard_quantize_static`) quantizes the fp32 transform directly, as the reference does
-(`pq_ao.kernels.reference.hadamard_quantize_static`; no rounding to the input dtype in between).
+(`pq_ao.kernels.reference.hadamard_quantize_static`; no rounding to the input dtype in between). Gated (a gated
+MLP's down_proj): the input rows are joined [gate | up] projections and the kernel transforms `silu(gate) * up`,
+computed in its loads with eager torch's roundings (`reference.swiglu`), so the product is never written out.
 """
 
 from __future__ import annotations
@@ -110,13 +112,29 @@ def _quantize_store(y, out_base, offs_c, mask, scale_ptr, out_ptr, QUANT: tl.con
 
 
 @triton.jit
+def _load_input(ptrs, mask, half, GATED: tl.constexpr, INTERP: tl.constexpr):
+    """The transform's input: x itself, or (GATED) `silu(gate) * up` of a joined [gate | up] row, up `half`
+    elements after gate, rounded to the input dtype after each op as eager torch rounds (`reference.swiglu`)."""
+    if GATED:
+        g = tl.load(ptrs, mask=mask, other=0.0)
+        u = tl.load(ptrs + half, mask=mask, other=0.0)
+        g32 = g.to(tl.float32)
+        act = cast_out(g32 / (1.0 + tl.exp(-g32)), g.dtype, INTERP)
+        return cast_out(act.to(tl.float32) * u.to(tl.float32), g.dtype, INTERP)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _hadamard_kernel(
-    x_ptr, hk_ptr, scale_ptr, out_ptr, M, stride_xm, stride_om, inv_sqrt_n,
+    x_ptr, hk_ptr, scale_ptr, out_ptr, M, stride_xm, stride_om, inv_sqrt_n, half,
     KH: tl.constexpr, HAS_HK: tl.constexpr, HK_EXACT: tl.constexpr, P1: tl.constexpr, A: tl.constexpr, A_PAD: tl.constexpr,
     C: tl.constexpr, ROWS: tl.constexpr, X_BF16: tl.constexpr,
     QUANT: tl.constexpr, BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, E4M3: tl.constexpr,
-    INTERP: tl.constexpr,
+    GATED: tl.constexpr, INTERP: tl.constexpr,
 ):
+    """GATED: x_ptr holds joined [gate | up] rows (stride_xm apart, up `half` elements after gate) and the transform
+    is of `silu(gate) * up` (`_load_input`)."""
     pid = tl.program_id(0)
     offs_c = tl.arange(0, C)
     h_c = _sylvester(offs_c[:, None], offs_c[None, :]).to(tl.bfloat16)
@@ -125,7 +143,7 @@ def _hadamard_kernel(
         offs_r = pid * ROWS + tl.arange(0, ROWS)
         rmask = offs_r[:, None] < M
         rows = offs_r.to(tl.int64)[:, None]
-        x = tl.load(x_ptr + rows * stride_xm + offs_c[None, :], mask=rmask, other=0.0)
+        x = _load_input(x_ptr + rows * stride_xm + offs_c[None, :], rmask, half, GATED, INTERP)
         y = (_dot_f32_bf16(x, h_c, X_BF16, INTERP) * inv_sqrt_n).to(tl.float32)  # fp64 scalar under inductor
         _quantize_store(y, out_ptr + rows * stride_om, offs_c, rmask, scale_ptr, out_ptr,
                         QUANT, BITS, QMIN, QMAX, E4M3, INTERP)
@@ -134,7 +152,7 @@ def _hadamard_kernel(
         row = pid.to(tl.int64)
         offs_a = tl.arange(0, A_PAD)
         amask = offs_a[:, None] < A
-        x = tl.load(x_ptr + row * stride_xm + offs_a[:, None] * C + offs_c[None, :], mask=amask, other=0.0)
+        x = _load_input(x_ptr + row * stride_xm + offs_a[:, None] * C + offs_c[None, :], amask, half, GATED, INTERP)
         z = _dot_f32_bf16(x, h_c, X_BF16, INTERP)
         i = offs_a[:, None]
         j = offs_a[None, :]
@@ -165,16 +183,27 @@ def _plan(n: int, had_k: torch.Tensor | None):
     return kh, p1, a, c, ok
 
 
-def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False):
-    n = x.shape[-1]
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """`reference.swiglu` (plain torch, for the sizes the kernel hands over)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False, gated: bool = False):
+    """gated: x is a joined [gate | up] `[..., 2n]` and the transform is of `silu(gate) * up` `[..., n]`."""
+    if gated and x.shape[-1] % 2:
+        raise ValueError(f"a gated input holds gate and up side by side (an even last dim), got {x.shape[-1]}")
+    n = x.shape[-1] // 2 if gated else x.shape[-1]
     kh, p1, a, c, ok = _plan(n, had_k)
     if not ok or x.dtype == torch.float64:
         # sizes the kernel does not tile, and fp64: the plain-torch transform (pq_ao.hadamard)
+        if gated:
+            x = _swiglu(x)
         if not quant:
             return _had.hadamard_transform(x, had_k)
         y = _had.hadamard_transform(x if x.dtype == torch.float64 else x.float(), had_k)
         return quantize_static_e4m3(y, scale) if e4m3 else quantize_static(y, scale, bits)
-    x2 = x.reshape(-1, n)
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
@@ -206,10 +235,10 @@ def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False):
         had_k = had_k.contiguous()
     torch.library.wrap_triton(_hadamard_kernel)[grid](
         x2, had_k if has_hk else x2, scale if quant else x2, out, M, x2.stride(0), out.stride(0),
-        1.0 / math.sqrt(n),
+        1.0 / math.sqrt(n), n,
         KH=kh, HAS_HK=has_hk, HK_EXACT=(not has_hk) or _had.has_true_hadamard(kh),
         P1=p1, A=a, A_PAD=a_pad, C=c, ROWS=rows, X_BF16=(x.dtype == torch.bfloat16),
-        QUANT=quant, BITS=bits, QMIN=qmin, QMAX=qmax, E4M3=e4m3,
+        QUANT=quant, BITS=bits, QMIN=qmin, QMAX=qmax, E4M3=e4m3, GATED=gated,
         INTERP=interpreting(), num_warps=warps,
     )
     return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -220,11 +249,15 @@ def hadamard_transform(x: torch.Tensor, had_k: torch.Tensor | None) -> torch.Ten
     return _launch(x, had_k, None, 16, quant=False)
 
 
-def hadamard_quantize_static(x: torch.Tensor, had_k: torch.Tensor | None, scale: torch.Tensor, bits: int):
-    """`quantize_static(hadamard_transform(x, had_k), scale, bits)` in one pass."""
-    return _launch(x, had_k, scale, bits, quant=True)
+def hadamard_quantize_static(x: torch.Tensor, had_k: torch.Tensor | None, scale: torch.Tensor, bits: int,
+                             gated: bool = False):
+    """`quantize_static(hadamard_transform(x, had_k), scale, bits)` in one pass; `gated`: of `reference.swiglu(x)`
+    (x a joined [gate | up])."""
+    return _launch(x, had_k, scale, bits, quant=True, gated=gated)
 
 
-def hadamard_quantize_static_e4m3(x: torch.Tensor, had_k: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
-    """`hadamard_quantize_static(x, had_k, scale, 4)` as one float8 e4m3 code per value, float8_e4m3fn [..., n]."""
-    return _launch(x, had_k, scale, 4, quant=True, e4m3=True)
+def hadamard_quantize_static_e4m3(x: torch.Tensor, had_k: torch.Tensor | None, scale: torch.Tensor,
+                                  gated: bool = False) -> torch.Tensor:
+    """`hadamard_quantize_static(x, had_k, scale, 4, gated)` as one float8 e4m3 code per value, float8_e4m3fn
+    [..., n]."""
+    return _launch(x, had_k, scale, 4, quant=True, e4m3=True, gated=gated)

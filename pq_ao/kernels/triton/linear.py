@@ -6,6 +6,9 @@
   fp8 tensor cores (`fp8_linear`);
 - one row without an online Hadamard (decode): the int4 GEMV quantizes its slice of x in registers (one launch);
 - otherwise: the (Hadamard +) static quantizer to packed codes, then the Triton int GEMM / GEMV (`gemm`).
+
+`swiglu_static_linear` is the same for a gated MLP's down_proj, from the joined gate/up projection: the Hadamard
+quantizer computes `silu(gate) * up` in its loads.
 """
 
 from __future__ import annotations
@@ -30,16 +33,43 @@ def static_linear(
 ) -> torch.Tensor:
     """x [..., K] float; x_scale fp32 [1]; had_k [K_h, K_h] (online Hadamard of x first) or None; wq / w_scale /
     bias as `int_linear`'s. Returns [..., N] out_dtype."""
-    k, n = x.shape[-1], wq.shape[0]
-    m = x.numel() // k if k else 0
+    return _static_linear(x, False, x_scale, had_k, wq, w_scale, bias, a_bits, w_bits, out_dtype)
+
+
+def swiglu_static_linear(
+    gate_up: torch.Tensor,
+    x_scale: torch.Tensor,
+    had_k: torch.Tensor | None,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_bits: int,
+    w_bits: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`static_linear(silu(gate) * up, ...)` from the joined gate_up [..., 2K]: with an online Hadamard (R4, the
+    rotated down_proj) the gating runs in the Hadamard quantizer's loads; without one, in torch before the usual path
+    (compiled, inductor fuses it into its neighbours)."""
+    if had_k is None:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return static_linear(torch.nn.functional.silu(gate) * up, x_scale, None, wq, w_scale, bias, a_bits, w_bits,
+                             out_dtype)  # fmt: skip
+    return _static_linear(gate_up, True, x_scale, had_k, wq, w_scale, bias, a_bits, w_bits, out_dtype)
+
+
+def _static_linear(x, gated, x_scale, had_k, wq, w_scale, bias, a_bits, w_bits, out_dtype):
+    """gated: x is a joined [gate | up] [..., 2K] and the linear's input `silu(gate) * up` (had_k given)."""
+    width = x.shape[-1]
+    k, n = (width // 2 if gated else width), wq.shape[0]
+    m = x.numel() // width if width else 0
     large = not isinstance(m, int) or m >= fp8_linear.FP8_MIN_M  # a SymInt: an exported prefill program
     if large and fp8_linear.usable(n, k, a_bits, w_bits, out_dtype, bias):
         if had_k is not None:
-            codes = hadamard_quantize_static_e4m3(x, had_k, x_scale)
+            codes = hadamard_quantize_static_e4m3(x, had_k, x_scale, gated=gated)
         else:
             codes = quantize_static_e4m3(x, x_scale)
         return fp8_linear.e4m3_int4_linear(codes, x_scale, wq, w_scale, bias, out_dtype)
     if had_k is None:
         return gemm.gemv_static_linear(x, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)
-    xq = hadamard_quantize_static(x, had_k, x_scale, a_bits)
+    xq = hadamard_quantize_static(x, had_k, x_scale, a_bits, gated=gated)
     return gemm.int_linear(xq, x_scale, wq, w_scale, bias, a_bits, w_bits, out_dtype)

@@ -112,3 +112,31 @@ def test_static_linear_picks_its_path(device, monkeypatch):
     assert not run(8, 64, 4, torch.float32)
     assert not run(8, 64, 8, torch.bfloat16)
     assert not run(8, 72, 4, torch.bfloat16)
+
+
+GATED_CPU_OP = [(6, 64, 96, True), (5, 48, 64, False)]
+GATED_GPU_OP = [(2048, 4096, 14336, True), (1, 4096, 14336, True), (300, 576, 1536, True), (700, 576, 1536, False)]
+
+
+@pytest.mark.parametrize("device,shape", cases(GATED_CPU_OP, GATED_GPU_OP))
+@pytest.mark.parametrize("fp8", [False, True])
+def test_swiglu_static_linear_is_static_linear_of_the_gated_product(device, shape, fp8, monkeypatch):
+    """A gated MLP's down_proj from the joined gate/up: `static_linear(silu(gate) * up)`, on the fp8 path and on
+    the int4 path (GEMV at one row), with or without R4. Codes may flip at rounding boundaries (the kernel's SiLU and
+    transform round in their own order), which moves the output by far less than a wrong gating would."""
+    m, n, k, had = shape
+    monkeypatch.setattr(fp8_linear, "FP8_MIN_M", 1 if fp8 else 1 << 30)
+    gen = torch.Generator().manual_seed(m + n + k)
+    gate_up = (torch.randn(m, 2 * k, generator=gen) * 2).bfloat16()
+    x = reference.swiglu(gate_up)
+    hk = hadamard_factor(k)[1].float() if had else None
+    s = torch.tensor([float(x.float().abs().max()) / 7.5 * 0.3])
+    wq = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    ws = torch.rand(n, generator=gen) * 0.01 + 1e-3
+    bias = torch.randn(n, generator=gen).bfloat16()
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    want = linear.static_linear(dev(x), dev(s), dev(hk), dev(wq), dev(ws), dev(bias), 4, 4, torch.bfloat16).float()
+    got = linear.swiglu_static_linear(dev(gate_up), dev(s), dev(hk), dev(wq), dev(ws), dev(bias), 4, 4,
+                                      torch.bfloat16).float()  # fmt: skip
+    assert got.shape == (m, n)
+    assert ((got - want).norm() / want.norm()) < 5e-3

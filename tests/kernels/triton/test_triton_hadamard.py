@@ -91,3 +91,43 @@ def test_hadamard_sylvester_order_and_scale():
     eye = torch.eye(n, dtype=torch.float32)[[0, 1, 200, n - 1]]
     y = tk.hadamard_transform(eye.to(device), had_k.float().to(device)).double().cpu()
     assert torch.allclose(y, h[:, [0, 1, 200, n - 1]].T, atol=1e-6)
+
+
+# gated (a gated MLP's down_proj input): the A = 1 path, the A > 1 path (K x 2^m), the plain-torch hand-over
+GATED_CPU = [(5, 64), (3, 1536), (2, 14336), (3, 28 * 8)]
+GATED_GPU = [(4096, 128), (1000, 1536), (2048, 14336), (1, 14336), (9, 28 * 8)]
+
+
+@pytest.mark.parametrize("device,case", cases(GATED_CPU, GATED_GPU))
+@pytest.mark.parametrize("form", ["int4", "int8", "e4m3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gated_hadamard_quantize_static(device, case, form, dtype):
+    """`gated=True` reads joined [gate | up] rows and quantizes the transform of `silu(gate) * up`: the codes of the
+    plain quantizer on `reference.swiglu`'s product, up to boundary flips (the kernel's exp may differ from torch's in
+    the last bit, and the transform sums in its own order)."""
+    rows, n = case
+    gen = torch.Generator().manual_seed(n + rows)
+    _, had_k = hadamard.hadamard_factor(n)
+    gate_up = (torch.randn(rows, 2 * n, generator=gen) * 2).to(dtype)
+    x = reference.swiglu(gate_up)
+    exact = _exact(x, had_k)
+    bits = 8 if form == "int8" else 4
+    qmax = quant_math.qrange(bits)[1]
+    scale = torch.tensor([float(exact.abs().max()) * 0.8 / (qmax + 0.5)], dtype=torch.float32)
+    want = quant_math.unpack_int4(reference.hadamard_quantize_static(x, had_k.float(), scale, bits)) if bits == 4 \
+        else reference.hadamard_quantize_static(x, had_k.float(), scale, bits)
+    dev = lambda t: t.to(device)  # noqa: E731
+    poison(device, rows * n * 2)
+    if form == "e4m3":
+        got = tk.hadamard_quantize_static_e4m3(dev(gate_up), dev(had_k.float()), dev(scale), gated=True)
+        assert got.dtype == torch.float8_e4m3fn and got.shape == (rows, n)
+        got = got.float().to(torch.int8)
+    else:
+        got = tk.hadamard_quantize_static(dev(gate_up), dev(had_k.float()), dev(scale), bits, gated=True)
+        got = quant_math.unpack_int4(got) if bits == 4 else got
+    assert_boundary_flips_only(got.cpu(), want, exact / float(scale), f"gated n={n} {dtype} {form}")
+
+
+def test_gated_input_must_join_two_halves():
+    with pytest.raises(ValueError, match="even last dim"):
+        tk.hadamard_quantize_static(torch.randn(2, 129), None, torch.tensor([0.1]), 4, gated=True)
