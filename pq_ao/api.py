@@ -112,6 +112,22 @@ def _calibration_used(config: PrefixQuantConfig, outlier_ids: torch.Tensor, grid
     return used
 
 
+GPTQ_TOKENS_PER_INPUT = 8  # GPTQ's Hessian wants many more tokens than input features (SmolLM2: 1024 -> 4096 tokens
+# for K <= 1536 took static W4A4KV4 + GPTQ from 53.2 to 46.5 WikiText-2 ppl, benchmarks/RESULTS.md section 2)
+
+
+def _check_gptq_tokens(model: nn.Module, config: PrefixQuantConfig, used: dict) -> None:
+    """A warning when GPTQ's Hessians (the grid calibration's tokens) are few for the widest linear input."""
+    cfg = model.config
+    widest = max(getattr(cfg, "hidden_size", 0) or 0, getattr(cfg, "intermediate_size", 0) or 0)
+    tokens = used["grid_samples"] * used["grid_seqlen"]
+    if config.gptq and widest and tokens < GPTQ_TOKENS_PER_INPUT * widest:
+        warnings.warn(f"GPTQ's Hessians come from grid_samples x grid_seqlen = {tokens} tokens, fewer than "
+                      f"{GPTQ_TOKENS_PER_INPUT} x the widest linear input ({widest}): its rounding fits those tokens "
+                      f"and generalises worse; pass grid_samples x grid_seqlen >= {GPTQ_TOKENS_PER_INPUT * widest}",
+                      stacklevel=3)  # fmt: skip
+
+
 @torch.no_grad()
 def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> QuantizationReport:
     """Run the whole PrefixQuant pipeline on `model` in place; returns the report (also in the model's state,
@@ -137,6 +153,7 @@ def prefixquant(model: nn.Module, config: PrefixQuantConfig, tokenizer=None) -> 
     outlier_ids, grid_ids, ft_ids = calibration_data(config, tokenizer)
     _check_token_ids(model, *(t for t in (outlier_ids, grid_ids, ft_ids) if t is not None))
     used = _calibration_used(config, outlier_ids, grid_ids, ft_ids)
+    _check_gptq_tokens(model, config, used)
     log.info("model structure: tracing one decoder block")
     structure = find_structure(model)  # reads the model (one traced forward), changes nothing
     lap("data")

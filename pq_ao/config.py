@@ -34,7 +34,9 @@ class PrefixQuantConfig(AOBaseConfig):
     of each linear's inputs, gathered per block on the quantized model's hidden states with the prefix present) on
     the same per-channel grid (min-max, or the clip factors of the grid search); `gptq_damp` is the damping as a
     fraction of the mean Hessian diagonal, `gptq_block_size` the columns per lazy batch update, `gptq_act_order` rounds
-    the columns by decreasing Hessian diagonal (act-order) instead of in their natural order.
+    the columns by decreasing Hessian diagonal (act-order) instead of in their natural order. GPTQ's Hessians come
+    from the grid calibration's tokens: give it many more tokens than the widest linear input (`quantize_` warns
+    below 8x; the CPU defaults, 2 x 512, are far too few for GPTQ).
 
     `finetune`: block-wise fine-tuning after each block's grid search (`pq_ao.calibration.finetune`, EfficientQAT's
     Block-AP as the paper uses it): `ft_samples x ft_seqlen` tokens, `ft_epochs` epochs of `ft_batch_size`, AdamW on
