@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
 from pq_ao import hadamard, quant_math
-from pq_ao.kernels import ops
+from pq_ao.kernels import ops, reference
 
 __all__ = ["IntxLinearWeight", "swiglu_linear"]
 
@@ -146,21 +146,21 @@ class IntxLinearWeight(TorchAOBaseTensor):
                 raise ValueError(f"weight {i} quantizes its input differently from weight 0 (bits, mode, K, online "
                                  "Hadamard or activation range): they cannot share one quantized input")
         n = sum(w.shape[0] for w in weights)
-        act_scale, had_k, act_clip = (None if t is None else t.clone() for t in (first.act_scale, first.had_k,
-                                                                                first.act_clip))  # fmt: skip
         return cls(torch.cat([w.qdata for w in weights]), torch.cat([w.scale for w in weights]), first.w_bits,
-                   first.a_bits, first.act_mode, (n, first.shape[1]), first.dtype, act_scale, had_k, act_clip)
+                   first.a_bits, first.act_mode, (n, first.shape[1]), first.dtype, *first._input_tensors_copy())
 
     def out_rows(self, start: int, length: int) -> "IntxLinearWeight":
         """Output channels `start .. start + length - 1` as a weight of their own (its code and scale tensors are
         views of this one's; the small activation tensors are copies)."""
         if not 0 <= start <= start + length <= self.shape[0]:
             raise ValueError(f"rows {start}..{start + length} are outside a weight of {self.shape[0]} output channels")
-        act_scale, had_k, act_clip = (None if t is None else t.clone() for t in (self.act_scale, self.had_k,
-                                                                               self.act_clip))  # fmt: skip
         return IntxLinearWeight(self.qdata.narrow(0, start, length), self.scale.narrow(0, start, length), self.w_bits,
-                                self.a_bits, self.act_mode, (length, self.shape[1]), self.dtype, act_scale, had_k,
-                                act_clip)  # fmt: skip
+                                self.a_bits, self.act_mode, (length, self.shape[1]), self.dtype,
+                                *self._input_tensors_copy())  # fmt: skip
+
+    def _input_tensors_copy(self) -> tuple[torch.Tensor | None, ...]:
+        """Copies of (act_scale, had_k, act_clip), the small tensors of how the input is quantized."""
+        return tuple(None if t is None else t.clone() for t in (self.act_scale, self.had_k, self.act_clip))
 
     @property
     def act_range(self) -> torch.Tensor | None:
@@ -235,8 +235,7 @@ def swiglu_linear(gate_up: torch.Tensor, w: IntxLinearWeight, bias: torch.Tensor
     if gate_up.shape[-1] != 2 * k:
         raise ValueError(f"gate_up has {gate_up.shape[-1]} features, the weight expects 2 x {k} (gate, then up)")
     if w.act_mode != "static":
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, w, bias)
+        return F.linear(reference.swiglu(gate_up), w, bias)
     y = ops.swiglu_static_linear(gate_up.reshape(-1, 2 * k).detach(), w.act_scale, w.had_k, w.qdata, w.scale, bias,
                                  w.a_bits, w.w_bits, gate_up.dtype)  # fmt: skip
     return y.reshape(*gate_up.shape[:-1], n)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from pq_ao import hadamard as _had
+from pq_ao.kernels import reference
 
 from ._common import cast_out, interpreting, next_pow2, pack_int4, qrange, quantize_values
 from .quant import quantize_static, quantize_static_e4m3
@@ -183,12 +184,6 @@ def _plan(n: int, had_k: torch.Tensor | None):
     return kh, p1, a, c, ok
 
 
-def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """`reference.swiglu` (plain torch, for the sizes the kernel hands over)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
-
-
 def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False, gated: bool = False):
     """gated: x is a joined [gate | up] `[..., 2n]` and the transform is of `silu(gate) * up` `[..., n]`."""
     if gated and x.shape[-1] % 2:
@@ -198,7 +193,7 @@ def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False, gated: bool 
     if not ok or x.dtype == torch.float64:
         # sizes the kernel does not tile, and fp64: the plain-torch transform (pq_ao.hadamard)
         if gated:
-            x = _swiglu(x)
+            x = reference.swiglu(x)
         if not quant:
             return _had.hadamard_transform(x, had_k)
         y = _had.hadamard_transform(x if x.dtype == torch.float64 else x.float(), had_k)

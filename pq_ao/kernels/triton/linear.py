@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from pq_ao.kernels import reference
+
 from . import fp8_linear, gemm
 from .hadamard import hadamard_quantize_static, hadamard_quantize_static_e4m3
 from .quant import quantize_static_e4m3
@@ -51,9 +53,7 @@ def swiglu_static_linear(
     rotated down_proj) the gating runs in the Hadamard quantizer's loads; without one, in torch before the usual path
     (compiled, inductor fuses it into its neighbours)."""
     if had_k is None:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return static_linear(torch.nn.functional.silu(gate) * up, x_scale, None, wq, w_scale, bias, a_bits, w_bits,
-                             out_dtype)  # fmt: skip
+        return static_linear(reference.swiglu(gate_up), x_scale, None, wq, w_scale, bias, a_bits, w_bits, out_dtype)
     return _static_linear(gate_up, True, x_scale, had_k, wq, w_scale, bias, a_bits, w_bits, out_dtype)
 
 
