@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One GPU-box call for the end-to-end tables (issues 15 and 16): the GPU tests of the model code, then
+# `bench_e2e.py` with each model in its own process, one after the other (never side by side: another process's
+# compile autotunes on the GPU and disturbs the timing). Run from the repo root on the box with the torchao wheel
+# carried in `.whl_a` (the fp8row / int4wo peers need it; so does `import pq_ao`):
+#   STEPS="tests static:prefill,decode_b1" bash benchmarks/gpu/run_e2e.sh
+#   STEPS="bf16_gqa:prefill,decode_b1 fp8row:prefill int4wo:decode_b1,prefill" bash benchmarks/gpu/run_e2e.sh
+# A step is `tests` or `<model>:<stages>`; `<MODEL>_S` (e.g. STATIC_S=400) time-boxes a model's process, TEST_S
+# the tests. Outputs land in $OUT: e2e_<model>.json (the profiles inside), <model>.log, gpu_tests.log, env.txt.
+set -uo pipefail
+OUT=${OUT:-/tmp/pq_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+for d in .whl_a .whl; do
+  if ls $d/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $d/*.whl
+  fi
+done
+export PYTHONPATH=/tmp/site:$PWD
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv;
+  python3 -c 'import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__)'
+  python3 -c 'import torchao; print("torchao", torchao.__version__)'; } 2>&1 | tee "$OUT/env.txt"
+for step in ${STEPS:-tests static:prefill,decode_b1}; do
+  if [[ $step == tests ]]; then
+    echo "== GPU tests"
+    timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -n 12 -m gpu ${TEST_PATHS:-tests/nn tests/tensors tests/kernels} \
+      > "$OUT/gpu_tests.log" 2>&1
+    echo "tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -25
+    continue
+  fi
+  model=${step%%:*}; stages=${step#*:}
+  limit_var=$(echo "${model}_S" | tr a-z A-Z); limit=${!limit_var:-300}
+  echo "== $model ($stages, at most ${limit}s)"
+  t0=$(date +%s)
+  timeout $limit python3 benchmarks/bench_e2e.py --models $model --stages $stages --profile --budget-s $limit \
+    --json "$OUT/e2e_$model.json" > "$OUT/$model.log" 2>&1
+  echo "$model rc=$? in $(( $(date +%s) - t0 ))s"; grep -E "^\| $model |Error|error:" "$OUT/$model.log" | tail -8
+done
