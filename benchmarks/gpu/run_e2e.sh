@@ -5,7 +5,7 @@
 # carried in `.whl_a` (the fp8row / int4wo peers need it; so does `import pq_ao`):
 #   STEPS="tests static:prefill,decode_b1" bash benchmarks/gpu/run_e2e.sh
 #   STEPS="bf16_gqa:prefill,decode_b1 fp8row:prefill int4wo:decode_b1,prefill" bash benchmarks/gpu/run_e2e.sh
-# A step is `tests` or `<model>:<stages>`; `<MODEL>_S` (e.g. STATIC_S=400) time-boxes a model's process, TEST_S
+# A step is `tests`, `kernels` (bench_kernels.py with a sweep of the Hadamard grid) or `<model>:<stages>`; `<MODEL>_S` (e.g. STATIC_S=400) time-boxes a model's process, TEST_S
 # the tests. Outputs land in $OUT: e2e_<model>.json (the profiles inside), <model>.log, gpu_tests.log, env.txt.
 set -uo pipefail
 OUT=${OUT:-/tmp/pq_out}
@@ -26,6 +26,13 @@ for step in ${STEPS:-tests static:prefill,decode_b1}; do
     timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -n 12 -m gpu ${TEST_PATHS:-tests/nn tests/tensors tests/kernels} \
       > "$OUT/gpu_tests.log" 2>&1
     echo "tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -25
+    continue
+  fi
+  if [[ $step == kernels ]]; then
+    echo "== memory-bound kernels (Hadamard grid sweep)"
+    timeout ${KERNELS_S:-90} python3 benchmarks/gpu/bench_kernels.py --out "$OUT" --programs-per-sm ${GRIDS:-2,1,4,0} \
+      > "$OUT/kernels.log" 2>&1
+    echo "kernels rc=$?"; grep -E "hadamard|copy|Error" "$OUT/kernels.log" | tail -40
     continue
   fi
   model=${step%%:*}; stages=${step#*:}

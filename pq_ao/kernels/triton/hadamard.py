@@ -38,6 +38,8 @@ from .quant import quantize_static, quantize_static_e4m3
 MAX_C = 128
 
 MAX_A = 128
+# the row loop's programs per multiprocessor (A > 1)
+PROGRAMS_PER_SM = 2
 
 
 
@@ -149,12 +151,9 @@ def _hadamard_kernel(
         _quantize_store(y, out_ptr + rows * stride_om, offs_c, rmask, scale_ptr, out_ptr,
                         QUANT, BITS, QMIN, QMAX, E4M3, INTERP)
     else:
-        # one row per program, viewed as [A, C]: Y = M_A @ (X @ H_C), M_A = had_k (kron) H_P1
-        row = pid.to(tl.int64)
+        # rows pid, pid + programs, ... viewed as [A, C]: Y = M_A @ (X @ H_C), M_A = had_k (kron) H_P1, built once
         offs_a = tl.arange(0, A_PAD)
         amask = offs_a[:, None] < A
-        x = _load_input(x_ptr + row * stride_xm + offs_a[:, None] * C + offs_c[None, :], amask, half, GATED, INTERP)
-        z = _dot_f32_bf16(x, h_c, X_BF16, INTERP)
         i = offs_a[:, None]
         j = offs_a[None, :]
         m_a = _sylvester(i % P1, j % P1)
@@ -162,10 +161,24 @@ def _hadamard_kernel(
             hk = tl.load(hk_ptr + (i // P1) * KH + (j // P1), mask=(i < A) & (j < A), other=0.0).to(tl.float32)
             m_a = m_a * hk
         m_a = tl.where((i < A) & (j < A), m_a, 0.0)
-        y = (_f32_dot_f32(m_a, z, HK_EXACT, INTERP) * inv_sqrt_n).to(tl.float32)
+        if HK_EXACT:
+            m_a = m_a.to(tl.bfloat16)  # +-1 and 0: exact, and half the registers across the loop
         OUT_C: tl.constexpr = C // 2 if QUANT and BITS == 4 and not E4M3 else C
-        _quantize_store(y, out_ptr + row * stride_om + offs_a[:, None] * OUT_C, offs_c, amask, scale_ptr, out_ptr,
-                        QUANT, BITS, QMIN, QMAX, E4M3, INTERP)
+        for r in tl.range(pid, M, tl.num_programs(0)):
+            row = r + tl.zeros((), tl.int64)  # (r is a Python int under the interpreter)
+            x = _load_input(x_ptr + row * stride_xm + offs_a[:, None] * C + offs_c[None, :], amask, half, GATED,
+                            INTERP)
+            z = _dot_f32_bf16(x, h_c, X_BF16, INTERP)
+            y = (_f32_dot_f32(m_a, z, HK_EXACT, INTERP) * inv_sqrt_n).to(tl.float32)
+            _quantize_store(y, out_ptr + row * stride_om + offs_a[:, None] * OUT_C, offs_c, amask, scale_ptr, out_ptr,
+                            QUANT, BITS, QMIN, QMAX, E4M3, INTERP)
+
+
+def _programs(device: torch.device) -> int:
+    """Programs of the persistent row loop (one row of more than 128 elements each): a few per multiprocessor."""
+    if device.type != "cuda":
+        return 64
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _plan(n: int, had_k: torch.Tensor | None):
@@ -222,7 +235,8 @@ def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False, gated: bool 
         warps = 4
     else:
         rows = 1
-        grid = (M,)
+        # a persistent grid: M_A and H_C are built once per program, not once per row
+        grid = (min(M, _programs(x.device)) if isinstance(M, int) else _programs(x.device),)
         a_pad = max(16, next_pow2(a))
         warps = 8 if a_pad * c >= 8192 else 4
     has_hk = had_k is not None and kh > 1
