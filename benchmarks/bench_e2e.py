@@ -228,48 +228,24 @@ def memo_counts() -> dict:
     return mutation_memo.counts()
 
 
-def profile_table(fn, rows: int = 15) -> str:
-    """Kernel-time table of one call of `fn` (already compiled and warm)."""
+def profile_table(fn, rows: int = 20) -> str:
+    """Kernel-time table of one call of `fn` (already compiled and warm); on CUDA followed by the host's CUDA API
+    calls (launch counts and time, and any synchronization or copy that stalls the host)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = DEVICE == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
         fn()
         sync()
-    return prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows)
-
-
-@torch.inference_mode()
-def bench_prefill(model, kind: str, profile: bool = False) -> dict:
-    compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    ids = torch.randint(10, model.config.vocab_size, (1, PREFILL), device=DEVICE)
-    kw = cache_kw(model)
-    cache = make_cache(model, kind, 1, PREFILL + 16, 0)
-
-    def run():
-        return compiled(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
-
-    def empty_cache():
-        for layer in cache.layers:
-            layer.cumulative_length.fill_(0)
-
-    t = time.perf_counter()
-    run()
-    sync()
-    compile_s = time.perf_counter() - t
-    with gpu_to_myself():
-        before = _mem()
-        times = []
-        for _ in range(10):
-            empty_cache()
-            times.append(time_cuda(run, 1))
-        ms = sorted(times)[len(times) // 2]
-        row = {"prefill_ms": ms, "prefill_ms_runs": times, "prefill_tok_s": PREFILL / ms * 1e3, "compile_s": compile_s,
-               "activation_peak_gib": _peak(before), "mutation_analyses": memo_counts()}  # fmt: skip
-        if profile:
-            empty_cache()
-            row["profile"] = profile_table(run)
-    return row
+    events = prof.key_averages()
+    table = events.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows)
+    if not cuda:
+        return table
+    api = [e for e in events if e.key.startswith(("cuda", "cu")) and e.count]
+    lines = [f"{e.key}: {e.count} calls, {e.cpu_time_total / 1e3:.2f} ms host" for e in
+             sorted(api, key=lambda e: -e.cpu_time_total)[:8]]
+    return table + "\nCUDA API (host):\n" + "\n".join(lines)
 
 
 @torch.inference_mode()
