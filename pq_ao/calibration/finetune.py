@@ -3,13 +3,18 @@ conversion, train its weights and every quantizer scale so the quantized block r
 
 For block i, with X its inputs (the fine-tuning token stream through the already quantized and fine-tuned blocks
 0..i-1, the prefix KV installed) and Y = the full-precision block on X: swap each converted linear for a
-`TrainableQuantLinear` (its full-precision weight, the calibrated per-channel weight scales, the site's activation
+`TrainableQuantLinear` (its starting weight, the calibrated per-channel weight scales, the site's activation
 scale or dynamic clip, the online Hadamard), make the static K/V scales trainable, and minimise MSE(block(X), Y) with
 AdamW (weights at `ft_lr_weight`, scales at `ft_lr_scale`, no weight decay), a cosine schedule to a tenth of each
 rate, straight-through rounding (gradients to the values and, LSQ-style, to the scales). Then the block is converted
 again from the trained values: the evaluated and deployed model runs the integer kernels, as before.
 
-Invariants: only one block's parameters require gradients at a time (memory: one block plus the cached streams);
+The starting weight is the full-precision one (EfficientQAT), or with GPTQ the values GPTQ rounded to: starting from
+the full-precision weight would throw GPTQ's error compensation away (the first step's straight-through rounding is
+plain round-to-nearest), and "kept" would compare the training against a block that is not the one converted.
+
+Invariants: training starts where conversion left the block (the trainable block's loss before the first step is
+the converted block's, up to float rounding); only one block's parameters require gradients at a time (memory: one block plus the cached streams);
 `fine_tune_block` leaves the block's modules as it found them (the converted linears, re-quantized), so the rest
 of the pipeline sees no difference but the numbers; a block whose loss did not go down keeps its calibrated values
 (a few samples and a high rate can overshoot), so fine-tuning never makes a block worse on its own data.
@@ -87,10 +92,11 @@ def _batches(n: int, batch: int, gen: torch.Generator):
     return [order[i : i + batch] for i in range(0, n, batch)]
 
 
-def fine_tune_block(bs: BlockSites, fp_weights: dict[str, list[torch.Tensor]], x: torch.Tensor, y: torch.Tensor,
+def fine_tune_block(bs: BlockSites, start_weights: dict[str, list[torch.Tensor]], x: torch.Tensor, y: torch.Tensor,
                     kwargs: dict, cfg) -> FineTuneResult:
-    """Train block `bs` (already converted) towards `y = FP block(x)`; see the module docstring. `fp_weights[site]`
-    holds the full-precision weights of the site's linears (R4 already in down_proj's), from before conversion."""
+    """Train block `bs` (already converted) towards `y = FP block(x)`; see the module docstring. `start_weights[site]`
+    holds the weights training starts from for the site's linears (R4 already in down_proj's): the full-precision
+    ones from before conversion, or GPTQ's dequantized values."""
     converted = {site: list(bs.linears(site)) for site in SITES}
     trainable: dict[str, list[TrainableQuantLinear]] = {}
     act_params = []
@@ -102,7 +108,7 @@ def fine_tune_block(bs: BlockSites, fp_weights: dict[str, list[torch.Tensor]], x
             act_params.append(act)
         trainable[site] = [TrainableQuantLinear(fp, lin.weight.scale, act, lin.bias, lin.weight.had_k, cfg.w_bits,
                                                 cfg.a_bits, cfg.act_mode)
-                           for lin, fp in zip(lins, fp_weights[site])]  # fmt: skip
+                           for lin, fp in zip(lins, start_weights[site])]  # fmt: skip
     kv = [q for q in (bs.attn.k_quant, bs.attn.v_quant) if q is not None and q.mode == "static"]
     kv_saved = [q.scale for q in kv]
     for q in kv:  # a leaf that requires grad, in the buffer's place

@@ -317,15 +317,18 @@ class BlockCalibrator:
         stream, its own `ft_kwargs`) also fine-tune it. Returns (the block's quantized output on x, on x_ft or None,
         the plan)."""
         y, grams, qkv = self._grams(bs, x, kwargs)
-        if x_ft is not None:  # the fine-tuning targets and weights, while the block is still full precision
+        if x_ft is not None:  # the fine-tuning targets (and weights), while the block is still full precision
             y_ft = _run(bs.block, x_ft, ft_kwargs, self.chunk)
-            fp_weights = {site: [lin.weight.detach().float().clone() for lin in bs.linears(site)] for site in SITES}
+            if not self.cfg.gptq:
+                start = {site: [lin.weight.detach().float().clone() for lin in bs.linears(site)] for site in SITES}
         self._convert(bs, grams)
         k_clip, v_clip = self._kv(bs, qkv)
         act_clip, x_next, mse_minmax = self._act(bs, x, kwargs, y)
         ft = None
         if x_ft is not None:
-            result = fine_tune_block(bs, fp_weights, x_ft, y_ft, ft_kwargs, self.cfg)
+            if self.cfg.gptq:  # start from GPTQ's rounding, not from the weights it compensated (finetune.py)
+                start = {site: [lin.weight.dequantize(torch.float32) for lin in bs.linears(site)] for site in SITES}
+            result = fine_tune_block(bs, start, x_ft, y_ft, ft_kwargs, self.cfg)
             ft = {"loss_before": result.loss_before, "loss_after": result.loss_after, "steps": result.steps,
                   "kept": result.kept}
             x_next = _run(bs.block, x, kwargs, self.chunk)

@@ -66,3 +66,27 @@ def test_the_fine_tuning_stream_may_be_longer_than_the_calibration_windows():
     kw = {**KW, "ft_seqlen": 192, "ft_samples": 2, "ft_epochs": 1}
     report = pq_ao.quantize_(model, pq_ao.prefixquant_w4a4(finetune=True, **kw), tokenizer=tok)
     assert all(plan.finetune["steps"] == 2 for plan in report.blocks)
+
+
+@pytest.mark.parametrize("gptq", [False, True])
+def test_training_starts_from_the_block_as_converted(gptq, monkeypatch):
+    """The trainable block's loss before the first step is the converted block's (GPTQ's rounding included): with
+    GPTQ, training from the full-precision weights would start from plain rounding instead and throw GPTQ's error
+    compensation away (it did, and GPTQ + fine-tuning then came out worse than GPTQ alone)."""
+    from pq_ao.calibration import finetune, grid_search
+
+    seen = []
+
+    def recording(bs, start, x, y, kwargs, cfg):
+        converted = finetune._loss(bs, x, y, kwargs, cfg.ft_batch_size)
+        result = finetune.fine_tune_block(bs, start, x, y, kwargs, cfg)
+        seen.append((converted, result.loss_before))
+        return result
+
+    monkeypatch.setattr(grid_search, "fine_tune_block", recording)
+    model, tok = pq_ao.load_model("stories260k", dtype=torch.float32)
+    kw = {**KW, "ft_samples": 2, "ft_epochs": 1}
+    pq_ao.quantize_(model, pq_ao.prefixquant_w4a4(finetune=True, gptq=gptq, **kw), tokenizer=tok)
+    assert len(seen) == model.config.num_hidden_layers
+    for converted, before in seen:
+        assert before == pytest.approx(converted, rel=1e-4), seen
