@@ -219,6 +219,21 @@ def _peak(before) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**30 if DEVICE == "cuda" else 0.0
 
 
+def memory_report(blocks: int = 8) -> dict:
+    """GiB allocated / reserved / peak, and the largest live allocations (GiB) with how many of each size."""
+    if DEVICE != "cuda":
+        return {}
+    sizes: dict[int, int] = {}
+    for seg in torch.cuda.memory_snapshot():
+        for b in seg["blocks"]:
+            if b["state"] == "active_allocated":
+                sizes[b["size"]] = sizes.get(b["size"], 0) + 1
+    top = sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])[:blocks]
+    return {"allocated_gib": torch.cuda.memory_allocated() / 2**30, "reserved_gib": torch.cuda.memory_reserved() / 2**30,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "largest": [{"gib": size / 2**30, "count": n} for size, n in top]}  # fmt: skip
+
+
 def memo_counts() -> dict:
     """The mutation-analysis memo's counts so far (cumulative over the process's compiles)."""
     try:
@@ -246,6 +261,40 @@ def profile_table(fn, rows: int = 20) -> str:
     lines = [f"{e.key}: {e.count} calls, {e.cpu_time_total / 1e3:.2f} ms host" for e in
              sorted(api, key=lambda e: -e.cpu_time_total)[:8]]
     return table + "\nCUDA API (host):\n" + "\n".join(lines)
+
+
+def bench_prefill(model, kind: str, profile: bool = False) -> dict:
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    ids = torch.randint(10, model.config.vocab_size, (1, PREFILL), device=DEVICE)
+    kw = cache_kw(model)
+    cache = make_cache(model, kind, 1, PREFILL + 16, 0)
+
+    def run():
+        return compiled(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+
+    def empty_cache():
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(0)
+
+    t = time.perf_counter()
+    run()
+    sync()
+    compile_s = time.perf_counter() - t
+    first_call = memory_report(blocks=4)  # an 80 GB H100 ran out of memory in the bf16 rows' timed calls (12-07)
+    with gpu_to_myself():
+        before = _mem()
+        times = []
+        for _ in range(10):
+            empty_cache()
+            times.append(time_cuda(run, 1))
+        ms = sorted(times)[len(times) // 2]
+        row = {"prefill_ms": ms, "prefill_ms_runs": times, "prefill_tok_s": PREFILL / ms * 1e3, "compile_s": compile_s,
+               "activation_peak_gib": _peak(before), "mutation_analyses": memo_counts(),
+               "memory_after_first_call": first_call}  # fmt: skip
+        if profile:
+            empty_cache()
+            row["profile"] = profile_table(run)
+    return row
 
 
 @torch.inference_mode()
@@ -337,10 +386,14 @@ def main() -> None:
                 continue
             if time.perf_counter() - start > args.budget_s:
                 break
-            if stage == "prefill":
-                row[stage] = bench_prefill(model, cache_kind, args.profile)
-            else:
-                row[stage] = bench_decode(model, cache_kind, int(stage.removeprefix("decode_b")), args.profile)
+            try:
+                if stage == "prefill":
+                    row[stage] = bench_prefill(model, cache_kind, args.profile)
+                else:
+                    row[stage] = bench_decode(model, cache_kind, int(stage.removeprefix("decode_b")), args.profile)
+            except torch.OutOfMemoryError as e:  # keep what the GPU held, for the next reader; go on
+                row[stage] = {"error": str(e).splitlines()[0], "memory": memory_report()}
+                print(kind, stage, "out of memory:", json.dumps(row[stage]["memory"]), flush=True)
             save()
         print(kind, json.dumps({k: {f: x for f, x in v.items() if f != "profile"} if isinstance(v, dict) else v
                                 for k, v in row.items()}), flush=True)  # fmt: skip

@@ -37,7 +37,7 @@ for step in ${STEPS:-tests static:prefill,decode_b1}; do
   fi
   model=${step%%:*}; stages=${step#*:}
   limit_var=$(echo "${model}_S" | tr a-z A-Z); limit=${!limit_var:-300}
-  echo "== $model ($stages, at most ${limit}s)"
+  echo "== $model ($stages, at most ${limit}s); GPU memory used before: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader)"
   t0=$(date +%s)
   timeout $limit python3 benchmarks/bench_e2e.py --models $model --stages $stages --profile --budget-s $limit \
     --json "$OUT/e2e_$model.json" > "$OUT/$model.log" 2>&1

@@ -164,7 +164,7 @@ def _hadamard_kernel(
         if HK_EXACT:
             m_a = m_a.to(tl.bfloat16)  # +-1 and 0: exact, and half the registers across the loop
         OUT_C: tl.constexpr = C // 2 if QUANT and BITS == 4 and not E4M3 else C
-        for r in tl.range(pid, M, tl.num_programs(0)):
+        for r in tl.range(pid, M, tl.num_programs(0), num_stages=1):  # no multi-buffered loads: shared memory
             row = r + tl.zeros((), tl.int64)  # (r is a Python int under the interpreter)
             x = _load_input(x_ptr + row * stride_xm + offs_a[:, None] * C + offs_c[None, :], amask, half, GATED,
                             INTERP)
