@@ -7,6 +7,10 @@ Kernel: write 2^m = P1 * C with C = min(2^m, 128) and view a row as X [A, C], A 
 H_{2^m} = H_{P1} (kron) H_C, the whole transform is Y = M_A @ X @ H_C with M_A = had_k (kron) H_{P1}: two tensor-core
 matmuls per row, no butterflies and no permutes. Both matrices are built in registers (Sylvester entries are
 (-1)**popcount(i & j); had_k is gathered from its [KH, KH] tensor), so nothing is precomputed on the host.
+Rows with A > 1 run in a persistent loop (`PROGRAMS_PER_SM` programs per multiprocessor, each building M_A and
+H_C once for all its rows; loads not multi-buffered, which asked for 256 KiB of shared memory). It ran end to end on
+an H100 (2026-12-07); its speed against one program per row is not measured yet (`bench_kernels.py
+--programs-per-sm 2,1,4,0` compares them and checks they write the same bytes).
 
 Precision: X @ H_C runs on bf16 operands; for bf16 input the products are exact (+-1 entries) and accumulate in fp32.
 The fp32 intermediate is split into bf16 hi + lo parts for M_A @ Z (about 2**-17 relative error, near fp32), which
