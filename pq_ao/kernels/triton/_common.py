@@ -27,6 +27,10 @@ from pq_ao.quant_math import qrange
 
 _RNE_MAGIC = 12582912.0  # 1.5 * 2**23
 
+# Multiprocessors of the H100 / H200 the grids are planned for: a constant, not a device query, so a trace on fake
+# CUDA tensors (no GPU) plans the same grid as the GPU does.
+NUM_SMS = 132
+
 
 @triton.jit
 def quantize_values(v, scale, QMIN: tl.constexpr, QMAX: tl.constexpr):

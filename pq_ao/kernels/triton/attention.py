@@ -31,9 +31,8 @@ from torch.library import wrap_triton
 
 from pq_ao.kernels import reference
 
-from ._common import cast_out, interpreting, next_pow2
+from ._common import NUM_SMS, cast_out, interpreting, next_pow2
 
-_NUM_SMS_H100 = 132
 MAX_ROWS = 64  # G * Tq above this: the reference (one tile would not fit in registers)
 
 
@@ -293,14 +292,14 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, NUM_SPLITS, D: tl.constexpr, BLO
 
 def pick_block_s(bh: int, s: int) -> int:
     """128 slots per step when that makes >= 2 steps per SM in all, else 64 (the H200 sweep's winners)."""
-    return 128 if bh * triton.cdiv(max(s, 1), 128) >= 2 * _NUM_SMS_H100 else 64
+    return 128 if bh * triton.cdiv(max(s, 1), 128) >= 2 * NUM_SMS else 64
 
 
 def pick_splits(bh: int, s: int, block_s: int, min_blocks: int = 2, per_sm: int = 3,
                 max_splits: int = 128) -> int:
     """Splits of S per (batch, KV head): enough programs for ~per_sm per SM, each >= min_blocks steps of S."""
     blocks = triton.cdiv(max(s, 1), block_s)
-    want = triton.cdiv(per_sm * _NUM_SMS_H100, max(bh, 1))
+    want = triton.cdiv(per_sm * NUM_SMS, max(bh, 1))
     return max(1, min(want, triton.cdiv(blocks, min_blocks), max_splits))
 
 

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from pq_ao.kernels.reference import check_int_linear
 
-from ._common import cast_out, dp4a, interpreting, qrange, quantize_values, unpack_int4_x16
+from ._common import NUM_SMS, cast_out, dp4a, interpreting, qrange, quantize_values, unpack_int4_x16
 
 
 @dataclass(frozen=True)
@@ -274,13 +274,12 @@ def _epilogue(acc, offs_m, offs_n, out_mask, xs_ptr, ws_ptr, b_ptr, out_ptr, str
 # ------------------------------------------------------------------------------------------------------------------
 # Configurations: the H100 sweep winners (benchmarks/bench_linear.py --tune; docs/kernels.md).
 
-_NUM_SMS_H100 = 132
 
 
 def _split_for(tiles: int, k_steps: int, min_steps: int, per_sm: int) -> int:
     """Smallest power-of-2 K split giving >= per_sm programs per SM, keeping >= min_steps K steps per program."""
     split = 1
-    while tiles * split < per_sm * _NUM_SMS_H100 and (split * 2) * min_steps <= k_steps:
+    while tiles * split < per_sm * NUM_SMS and (split * 2) * min_steps <= k_steps:
         split *= 2
     return split
 

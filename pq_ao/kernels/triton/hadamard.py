@@ -36,7 +36,7 @@ import triton.language as tl
 from pq_ao import hadamard as _had
 from pq_ao.kernels import reference
 
-from ._common import cast_out, interpreting, next_pow2, pack_int4, qrange, quantize_values
+from ._common import NUM_SMS, cast_out, interpreting, next_pow2, pack_int4, qrange, quantize_values
 from .quant import quantize_static, quantize_static_e4m3
 
 MAX_C = 128
@@ -178,13 +178,6 @@ def _hadamard_kernel(
                             QUANT, BITS, QMIN, QMAX, E4M3, INTERP)
 
 
-def _programs(device: torch.device) -> int:
-    """Programs of the persistent row loop (one row of more than 128 elements each): a few per multiprocessor."""
-    if device.type != "cuda":
-        return 64
-    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _plan(n: int, had_k: torch.Tensor | None):
     kh = 1 if had_k is None else int(had_k.shape[0])
     if had_k is not None and (had_k.dim() != 2 or had_k.shape[0] != had_k.shape[1]):
@@ -240,7 +233,7 @@ def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False, gated: bool 
     else:
         rows = 1
         # a persistent grid: M_A and H_C are built once per program, not once per row
-        grid = (min(M, _programs(x.device)) if isinstance(M, int) else _programs(x.device),)
+        grid = (min(M, PROGRAMS_PER_SM * NUM_SMS) if isinstance(M, int) else PROGRAMS_PER_SM * NUM_SMS,)
         a_pad = max(16, next_pow2(a))
         warps = 8 if a_pad * c >= 8192 else 4
     has_hk = had_k is not None and kh > 1
