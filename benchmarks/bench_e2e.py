@@ -263,6 +263,7 @@ def profile_table(fn, rows: int = 20) -> str:
     return table + "\nCUDA API (host):\n" + "\n".join(lines)
 
 
+@torch.inference_mode()  # without it autograd recorded every call and chained them through the cache (12-07)
 def bench_prefill(model, kind: str, profile: bool = False) -> dict:
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     ids = torch.randint(10, model.config.vocab_size, (1, PREFILL), device=DEVICE)
