@@ -29,6 +29,11 @@ from pq_ao.kernels.triton import hadamard as tk_hadamard  # noqa: E402
 HADAMARD = ("hadamard_quantize_int4", "hadamard_quantize_e4m3_gated", "hadamard_bf16")
 
 
+def _set_grid(per_sm: int) -> None:
+    """The Hadamard row loop's programs per multiprocessor; 0 = one program per row (a count no M reaches)."""
+    tk_hadamard.PROGRAMS_PER_SM = per_sm or 10**9
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
@@ -66,7 +71,7 @@ def main():
             for name, (make, nbytes) in cases.items():
                 for per_sm in grids if name in HADAMARD else [None]:
                     if per_sm is not None:
-                        tk_hadamard.PROGRAMS_PER_SM = per_sm or 10**9
+                        _set_grid(per_sm)
                     row = dict(kernel=name, m=m, k=k, programs_per_sm=per_sm)
                     try:
                         ms = timed(make, nbytes, graph=(name != "torch_hadamard_fp32_ref"))
@@ -80,7 +85,7 @@ def main():
                     print(f"{name:28s} M={m:5d} K={k:5d} grid={per_sm}",
                           f"{row['us']:8.1f} us {row['gbps']:7.0f} GB/s {row['pct_copy']:5.1f}% of copy "
                           f"{row.get('same_as_one_program_per_row', '')}" if "us" in row else row["error"], flush=True)
-            tk_hadamard.PROGRAMS_PER_SM = grids[0] or 10**9
+            _set_grid(grids[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels_quant_hadamard.json").write_text(json.dumps(dict(copy_TBps=copy, rows=rows), indent=1))
@@ -90,7 +95,8 @@ def _same_bytes(make) -> bool:
     """The kernel's output at the current grid equals the one-program-per-row grid's, byte for byte."""
     fn = make(0)
     got = fn()
-    saved, tk_hadamard.PROGRAMS_PER_SM = tk_hadamard.PROGRAMS_PER_SM, 10**9
+    saved = tk_hadamard.PROGRAMS_PER_SM
+    _set_grid(0)
     try:
         want = fn()
     finally:

@@ -5,21 +5,11 @@
 # carried in `.whl_a` (the fp8row / int4wo peers need it; so does `import pq_ao`):
 #   STEPS="tests static:prefill,decode_b1" bash benchmarks/gpu/run_e2e.sh
 #   STEPS="bf16_gqa:prefill,decode_b1 fp8row:prefill int4wo:decode_b1,prefill" bash benchmarks/gpu/run_e2e.sh
-# A step is `tests`, `kernels` (bench_kernels.py with a sweep of the Hadamard grid) or `<model>:<stages>`; `<MODEL>_S` (e.g. STATIC_S=400) time-boxes a model's process, TEST_S
-# the tests. Outputs land in $OUT: e2e_<model>.json (the profiles inside), <model>.log, gpu_tests.log, env.txt.
+# A step is `tests`, `kernels` (bench_kernels.py with a sweep of the Hadamard grid) or `<model>:<stages>`;
+# `<MODEL>_S` (e.g. STATIC_S=400) time-boxes a model's process, TEST_S the tests, KERNELS_S the kernels.
+# Outputs land in $OUT: e2e_<model>.json (the profiles inside), <model>.log, gpu_tests.log, kernels.log, env.txt.
 set -uo pipefail
-OUT=${OUT:-/tmp/pq_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-for d in .whl_a .whl; do
-  if ls $d/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $d/*.whl
-  fi
-done
-export PYTHONPATH=/tmp/site:$PWD
-{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv;
-  python3 -c 'import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__)'
-  python3 -c 'import torchao; print("torchao", torchao.__version__)'; } 2>&1 | tee "$OUT/env.txt"
+source benchmarks/gpu/box_setup.sh .whl_a .whl
 for step in ${STEPS:-tests static:prefill,decode_b1}; do
   if [[ $step == tests ]]; then
     echo "== GPU tests"

@@ -5,15 +5,7 @@
 #   bash benchmarks/gpu/run_linear.sh            # everything; outputs land in $OUT
 # Stages are time-boxed so the whole run stays under the 10-minute command limit.
 set -uo pipefail
-OUT=${OUT:-/tmp/pq_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-if ls .whl_linear/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_linear/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD
-{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv;
-  python3 -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)'; } 2>&1 | tee "$OUT/env.txt"
+source benchmarks/gpu/box_setup.sh .whl_linear
 STAGES=${STAGES:-tests,kernels,linear}
 if [[ $STAGES == *tests* ]]; then
   echo "== GPU tests"; timeout ${TEST_S:-170} python3 -m pytest -q -p no:cacheprovider -n 12 tests/kernels/triton \

@@ -275,7 +275,6 @@ def _epilogue(acc, offs_m, offs_n, out_mask, xs_ptr, ws_ptr, b_ptr, out_ptr, str
 # Configurations: the H100 sweep winners (benchmarks/bench_linear.py --tune; docs/kernels.md).
 
 
-
 def _split_for(tiles: int, k_steps: int, min_steps: int, per_sm: int) -> int:
     """Smallest power-of-2 K split giving >= per_sm programs per SM, keeping >= min_steps K steps per program."""
     split = 1
