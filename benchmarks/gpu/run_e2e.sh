@@ -5,7 +5,7 @@
 # carried in `.whl_a` (the fp8row / int4wo peers need it; so does `import pq_ao`):
 #   STEPS="tests static:prefill,decode_b1" bash benchmarks/gpu/run_e2e.sh
 #   STEPS="bf16_gqa:prefill,decode_b1 fp8row:prefill int4wo:decode_b1,prefill" bash benchmarks/gpu/run_e2e.sh
-# A step is `tests`, `kernels` (bench_kernels.py with a sweep of the Hadamard grid) or `<model>:<stages>`;
+# A step is `tests`, `kernels` (bench_kernels.py with a sweep of the Hadamard row loop's settings, ROW_LOOPS) or `<model>:<stages>`;
 # `<MODEL>_S` (e.g. STATIC_S=400) time-boxes a model's process, TEST_S the tests, KERNELS_S the kernels.
 # Outputs land in $OUT: e2e_<model>.json (the profiles inside), <model>.log, gpu_tests.log, kernels.log, env.txt.
 set -uo pipefail
@@ -19,8 +19,8 @@ for step in ${STEPS:-tests static:prefill,decode_b1}; do
     continue
   fi
   if [[ $step == kernels ]]; then
-    echo "== memory-bound kernels (Hadamard grid sweep)"
-    timeout ${KERNELS_S:-90} python3 benchmarks/gpu/bench_kernels.py --out "$OUT" --programs-per-sm ${GRIDS:-2,1,4,0} \
+    echo "== memory-bound kernels (Hadamard row-loop sweep)"
+    timeout ${KERNELS_S:-90} python3 benchmarks/gpu/bench_kernels.py --out "$OUT" --row-loops ${ROW_LOOPS:-2:8:16,1:8:16,1:16:16,2:8:32,1:16:32,0:8:16,4:8:16} \
       > "$OUT/kernels.log" 2>&1
     echo "kernels rc=$?"; grep -E "hadamard|copy|Error" "$OUT/kernels.log" | tail -40
     continue

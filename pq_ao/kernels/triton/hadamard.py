@@ -7,16 +7,17 @@ Kernel: write 2^m = P1 * C with C = min(2^m, 128) and view a row as X [A, C], A 
 H_{2^m} = H_{P1} (kron) H_C, the whole transform is Y = M_A @ X @ H_C with M_A = had_k (kron) H_{P1}: two tensor-core
 matmuls per row, no butterflies and no permutes. Both matrices are built in registers (Sylvester entries are
 (-1)**popcount(i & j); had_k is gathered from its [KH, KH] tensor), so nothing is precomputed on the host.
-Rows with A > 1 run in a persistent loop (`PROGRAMS_PER_SM` programs per multiprocessor, each building M_A and
-H_C once for all its rows; loads not multi-buffered, which asked for 256 KiB of shared memory). It ran end to end on
-an H100 (2026-12-07); its speed against one program per row is not measured yet (`bench_kernels.py
---programs-per-sm 2,1,4,0` compares them and checks they write the same bytes).
+Rows with A > 1 run in a persistent loop (`ROW_LOOP`): each program builds M_A once, then walks its rows in steps of
+BC columns, Y = sum_b (M_A @ X[:, b]) @ H_C[b, :], with the next step's loads issued before the current step's dots.
+The whole-row form (X @ H_C, then M_A @ Z, both [128, 128] in registers) held 255 registers and 128 KiB of shared
+memory, one program per multiprocessor with its loads exposed: down_proj's transform (M = 2048, n = 14336) took
+~204 us on an H100 (2026-12-07 prefill profile) against ~35 us of traffic.
 
-Precision: X @ H_C runs on bf16 operands; for bf16 input the products are exact (+-1 entries) and accumulate in fp32.
-The fp32 intermediate is split into bf16 hi + lo parts for M_A @ Z (about 2**-17 relative error, near fp32), which
-takes had_k's entries as exact in bf16 when K has a known +-1 construction (`pq_ao.hadamard.has_true_hadamard(K)`;
-1/sqrt(n) is applied in fp32 at the end); for the orthogonal fallback factors had_k is split too (3 dots).
-fp16/fp32 inputs are split the same way for the first product. A row of more than 128 x 128 elements
+Precision: every product runs on bf16 tensor cores with fp32 accumulation. Operands exact in bf16 (bf16 input, the
++-1 Sylvester entries, had_k when K has a known +-1 construction: `pq_ao.hadamard.has_true_hadamard(K)`) go in as
+they are; the others (fp16/fp32 input, the orthogonal fallback factors, the fp32 intermediate between the two
+products) are split into bf16 hi + lo parts (about 2**-17 relative error, near fp32). 1/sqrt(n) is applied in fp32
+at the end. A row of more than 128 x 128 elements
 (n > 16384 for powers of two) or a power-of-2 part under 16 goes to a plain-torch fallback.
 
 Fused quantization (`hadamard_quantize_static`) quantizes the fp32 transform directly, as the reference does
@@ -42,8 +43,8 @@ from .quant import quantize_static, quantize_static_e4m3
 MAX_C = 128
 
 MAX_A = 128
-# the row loop's programs per multiprocessor (A > 1)
-PROGRAMS_PER_SM = 2
+# The row loop (A > 1): programs per multiprocessor, warps (rows of 8192+ padded elements) and columns of X per step.
+ROW_LOOP = dict(programs_per_sm=2, warps=8, block_c=16)
 
 
 
@@ -78,25 +79,23 @@ def _split_bf16(v):
 
 
 @triton.jit
-def _dot_f32_bf16(a, b_bf16, A_EXACT: tl.constexpr, INTERP: tl.constexpr):
-    """a (fp32 or bf16 values) @ b (bf16, exact) with fp32 accumulation; a split into bf16 hi + lo unless exact."""
-    if A_EXACT:
-        return _mm(a.to(tl.bfloat16), b_bf16, INTERP)
-    else:
-        hi, lo = _split_bf16(a)
-        return _mm(hi, b_bf16, INTERP) + _mm(lo, b_bf16, INTERP)
-
-
-@triton.jit
-def _f32_dot_f32(a, b, A_EXACT: tl.constexpr, INTERP: tl.constexpr):
-    """a @ b (both fp32) with fp32 accumulation, b split into bf16 hi + lo; a too unless its values are exact in
-    bf16 (then 2 dots, else 3: the lo @ lo term is below fp32 resolution)."""
-    b_hi, b_lo = _split_bf16(b)
-    if A_EXACT:
-        a_bf16 = a.to(tl.bfloat16)
-        return _mm(a_bf16, b_hi, INTERP) + _mm(a_bf16, b_lo, INTERP)
+def _dot_split(a, b, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, INTERP: tl.constexpr):
+    """a @ b (fp32 or bf16 values) with fp32 accumulation on bf16 tensor cores. An operand whose values are exact
+    in bf16 is used as is; the other is split into bf16 hi + lo (about 2**-17 relative): 1, 2 or 3 dots (the
+    lo @ lo term is below fp32 resolution)."""
+    if A_EXACT and B_EXACT:
+        return _mm(a.to(tl.bfloat16), b.to(tl.bfloat16), INTERP)
+    elif A_EXACT:
+        a16 = a.to(tl.bfloat16)
+        b_hi, b_lo = _split_bf16(b)
+        return _mm(a16, b_hi, INTERP) + _mm(a16, b_lo, INTERP)
+    elif B_EXACT:
+        b16 = b.to(tl.bfloat16)
+        a_hi, a_lo = _split_bf16(a)
+        return _mm(a_hi, b16, INTERP) + _mm(a_lo, b16, INTERP)
     else:
         a_hi, a_lo = _split_bf16(a)
+        b_hi, b_lo = _split_bf16(b)
         return _mm(a_hi, b_hi, INTERP) + (_mm(a_hi, b_lo, INTERP) + _mm(a_lo, b_hi, INTERP))
 
 
@@ -119,43 +118,56 @@ def _quantize_store(y, out_base, offs_c, mask, scale_ptr, out_ptr, QUANT: tl.con
 
 
 @triton.jit
-def _load_input(ptrs, mask, half, GATED: tl.constexpr, INTERP: tl.constexpr):
-    """The transform's input: x itself, or (GATED) `silu(gate) * up` of a joined [gate | up] row, up `half`
-    elements after gate, rounded to the input dtype after each op as eager torch rounds (`reference.swiglu`)."""
+def _load_raw(ptrs, mask, half, GATED: tl.constexpr):
+    """The raw input at ptrs: (gate, up) of joined [gate | up] rows, up `half` elements after gate (GATED), else
+    (x, x)."""
+    g = tl.load(ptrs, mask=mask, other=0.0)
     if GATED:
-        g = tl.load(ptrs, mask=mask, other=0.0)
-        u = tl.load(ptrs + half, mask=mask, other=0.0)
+        return g, tl.load(ptrs + half, mask=mask, other=0.0)
+    else:
+        return g, g
+
+
+@triton.jit
+def _gate(g, u, GATED: tl.constexpr, INTERP: tl.constexpr):
+    """The transform's input from `_load_raw`'s pair: `silu(gate) * up` rounded to the input dtype after each op as
+    eager torch rounds (`reference.swiglu`) when GATED, else x itself."""
+    if GATED:
         g32 = g.to(tl.float32)
         act = cast_out(g32 / (1.0 + tl.exp(-g32)), g.dtype, INTERP)
         return cast_out(act.to(tl.float32) * u.to(tl.float32), g.dtype, INTERP)
     else:
-        return tl.load(ptrs, mask=mask, other=0.0)
+        return g
 
 
 @triton.jit
 def _hadamard_kernel(
     x_ptr, hk_ptr, scale_ptr, out_ptr, M, stride_xm, stride_om, inv_sqrt_n, half,
     KH: tl.constexpr, HAS_HK: tl.constexpr, HK_EXACT: tl.constexpr, P1: tl.constexpr, A: tl.constexpr, A_PAD: tl.constexpr,
-    C: tl.constexpr, ROWS: tl.constexpr, X_BF16: tl.constexpr,
+    C: tl.constexpr, ROWS: tl.constexpr, BC: tl.constexpr, X_BF16: tl.constexpr,
     QUANT: tl.constexpr, BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, E4M3: tl.constexpr,
     GATED: tl.constexpr, INTERP: tl.constexpr,
 ):
     """GATED: x_ptr holds joined [gate | up] rows (stride_xm apart, up `half` elements after gate) and the transform
-    is of `silu(gate) * up` (`_load_input`)."""
+    is of `silu(gate) * up` (`_gate`)."""
     pid = tl.program_id(0)
     offs_c = tl.arange(0, C)
-    h_c = _sylvester(offs_c[:, None], offs_c[None, :]).to(tl.bfloat16)
     if A == 1:
         # ROWS rows of C elements per program: Y = X @ H_C
+        h_c = _sylvester(offs_c[:, None], offs_c[None, :]).to(tl.bfloat16)
         offs_r = pid * ROWS + tl.arange(0, ROWS)
         rmask = offs_r[:, None] < M
         rows = offs_r.to(tl.int64)[:, None]
-        x = _load_input(x_ptr + rows * stride_xm + offs_c[None, :], rmask, half, GATED, INTERP)
-        y = (_dot_f32_bf16(x, h_c, X_BF16, INTERP) * inv_sqrt_n).to(tl.float32)  # fp64 scalar under inductor
+        g, u = _load_raw(x_ptr + rows * stride_xm + offs_c[None, :], rmask, half, GATED)
+        x = _gate(g, u, GATED, INTERP)
+        y = (_dot_split(x, h_c, X_BF16, True, INTERP) * inv_sqrt_n).to(tl.float32)  # fp64 scalar under inductor
         _quantize_store(y, out_ptr + rows * stride_om, offs_c, rmask, scale_ptr, out_ptr,
                         QUANT, BITS, QMIN, QMAX, E4M3, INTERP)
     else:
-        # rows pid, pid + programs, ... viewed as [A, C]: Y = M_A @ (X @ H_C), M_A = had_k (kron) H_P1, built once
+        # rows pid, pid + programs, ... viewed as X [A, C]: Y = (M_A @ X) @ H_C with M_A = had_k (kron) H_P1 built
+        # once per program, accumulated over column chunks of BC: Y = sum_b (M_A @ X[:, b]) @ H_C[b, :]. One loop
+        # over (row, chunk) steps; each step issues the next step's loads before its own dots (a register double
+        # buffer: the pipeliner does not buffer loads that feed elementwise code).
         offs_a = tl.arange(0, A_PAD)
         amask = offs_a[:, None] < A
         i = offs_a[:, None]
@@ -168,14 +180,28 @@ def _hadamard_kernel(
         if HK_EXACT:
             m_a = m_a.to(tl.bfloat16)  # +-1 and 0: exact, and half the registers across the loop
         OUT_C: tl.constexpr = C // 2 if QUANT and BITS == 4 and not E4M3 else C
-        for r in tl.range(pid, M, tl.num_programs(0), num_stages=1):  # no multi-buffered loads: shared memory
-            row = r + tl.zeros((), tl.int64)  # (r is a Python int under the interpreter)
-            x = _load_input(x_ptr + row * stride_xm + offs_a[:, None] * C + offs_c[None, :], amask, half, GATED,
-                            INTERP)
-            z = _dot_f32_bf16(x, h_c, X_BF16, INTERP)
-            y = (_f32_dot_f32(m_a, z, HK_EXACT, INTERP) * inv_sqrt_n).to(tl.float32)
-            _quantize_store(y, out_ptr + row * stride_om + offs_a[:, None] * OUT_C, offs_c, amask, scale_ptr, out_ptr,
-                            QUANT, BITS, QMIN, QMAX, E4M3, INTERP)
+        NB: tl.constexpr = C // BC
+        programs = tl.num_programs(0)
+        steps = tl.cdiv(M - pid, programs) * NB  # the grid never exceeds M
+        offs_x = offs_a[:, None] * C + tl.arange(0, BC)[None, :]
+        g, u = _load_raw(x_ptr + pid.to(tl.int64) * stride_xm + offs_x, amask, half, GATED)
+        acc = tl.zeros((A_PAD, C), dtype=tl.float32)
+        for step in range(0, steps):
+            t = step + tl.zeros((), tl.int32)  # (a Python int under the interpreter)
+            row = pid + (t // NB) * programs
+            c0 = (t % NB) * BC
+            tn = t + 1
+            x = _gate(g, u, GATED, INTERP)
+            row_n = tl.minimum(pid + (tn // NB) * programs, M - 1)  # past the last step: a row in bounds, unused
+            g, u = _load_raw(x_ptr + row_n.to(tl.int64) * stride_xm + (tn % NB) * BC + offs_x, amask, half, GATED)
+            w = _dot_split(m_a, x, HK_EXACT, X_BF16, INTERP)
+            offs_b = c0 + tl.arange(0, BC)
+            acc += _dot_split(w, _sylvester(offs_b[:, None], offs_c[None, :]).to(tl.bfloat16), False, True, INTERP)
+            if c0 == C - BC:
+                _quantize_store((acc * inv_sqrt_n).to(tl.float32),
+                                out_ptr + row.to(tl.int64) * stride_om + offs_a[:, None] * OUT_C,
+                                offs_c, amask, scale_ptr, out_ptr, QUANT, BITS, QMIN, QMAX, E4M3, INTERP)
+                acc = tl.zeros((A_PAD, C), dtype=tl.float32)
 
 
 def _plan(n: int, had_k: torch.Tensor | None):
@@ -232,10 +258,11 @@ def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False, gated: bool 
         warps = 4
     else:
         rows = 1
-        # a persistent grid: M_A and H_C are built once per program, not once per row
-        grid = (min(M, PROGRAMS_PER_SM * NUM_SMS) if isinstance(M, int) else PROGRAMS_PER_SM * NUM_SMS,)
+        # a persistent grid: M_A is built once per program, not once per row
+        per_sm = ROW_LOOP["programs_per_sm"]
+        grid = (min(M, per_sm * NUM_SMS) if isinstance(M, int) else per_sm * NUM_SMS,)
         a_pad = max(16, next_pow2(a))
-        warps = 8 if a_pad * c >= 8192 else 4
+        warps = ROW_LOOP["warps"] if a_pad * c >= 8192 else 4
     has_hk = had_k is not None and kh > 1
     if has_hk and not had_k.is_contiguous():
         had_k = had_k.contiguous()
@@ -243,7 +270,7 @@ def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False, gated: bool 
         x2, had_k if has_hk else x2, scale if quant else x2, out, M, x2.stride(0), out.stride(0),
         1.0 / math.sqrt(n), n,
         KH=kh, HAS_HK=has_hk, HK_EXACT=(not has_hk) or _had.has_true_hadamard(kh),
-        P1=p1, A=a, A_PAD=a_pad, C=c, ROWS=rows, X_BF16=(x.dtype == torch.bfloat16),
+        P1=p1, A=a, A_PAD=a_pad, C=c, ROWS=rows, BC=min(c, ROW_LOOP["block_c"]), X_BF16=(x.dtype == torch.bfloat16),
         QUANT=quant, BITS=bits, QMIN=qmin, QMAX=qmax, E4M3=e4m3, GATED=gated,
         INTERP=interpreting(), num_warps=warps,
     )

@@ -131,3 +131,32 @@ def test_gated_hadamard_quantize_static(device, case, form, dtype):
 def test_gated_input_must_join_two_halves():
     with pytest.raises(ValueError, match="even last dim"):
         tk.hadamard_quantize_static(torch.randn(2, 129), None, torch.tensor([0.1]), 4, gated=True)
+
+
+@pytest.mark.parametrize("device,case", cases([(7, 14336), (9, 4096)], [(1000, 14336), (333, 4096)]))
+@pytest.mark.parametrize("block_c", [16, 32, 128])
+def test_row_loop_grid_and_chunks(monkeypatch, device, case, block_c):
+    """The row loop (rows of more than 128 elements): every grid size writes the same bytes (a row's sums do not
+    depend on which program runs it), and each column-chunk width gives the reference's codes up to boundary flips.
+    Few programs here walk many rows each, with the next step's loads issued a step ahead across row ends."""
+    from pq_ao.kernels.triton import hadamard as tk_hadamard
+
+    rows, n = case
+    gen = torch.Generator().manual_seed(n + block_c)
+    _, had_k = hadamard.hadamard_factor(n)
+    gate_up = (torch.randn(rows, 2 * n, generator=gen) * 2).to(torch.bfloat16)
+    exact = _exact(reference.swiglu(gate_up), had_k)
+    scale = torch.tensor([float(exact.abs().max()) * 0.8 / 7.5], dtype=torch.float32)
+    args = (gate_up.to(device), had_k.float().to(device), scale.to(device))
+    got = {}
+    for programs in (1, 3, rows):  # 1 and 3 programs in all (NUM_SMS patched), or one per row
+        monkeypatch.setattr(tk_hadamard, "NUM_SMS", 1)
+        monkeypatch.setitem(tk_hadamard.ROW_LOOP, "programs_per_sm", programs)
+        monkeypatch.setitem(tk_hadamard.ROW_LOOP, "block_c", block_c)
+        poison(device, rows * n)
+        got[programs] = tk_hadamard.hadamard_quantize_static_e4m3(*args, gated=True).cpu()
+    assert torch.equal(got[1].view(torch.uint8), got[3].view(torch.uint8))
+    assert torch.equal(got[1].view(torch.uint8), got[rows].view(torch.uint8))
+    assert_boundary_flips_only(got[1].float().to(torch.int8), quant_math.unpack_int4(
+        reference.hadamard_quantize_static(reference.swiglu(gate_up), had_k.float(), scale, 4)),
+        exact / float(scale), f"n={n} block_c={block_c}")
