@@ -41,6 +41,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     default = "{programs_per_sm}:{warps}:{block_c}".format(**tk_hadamard.ROW_LOOP)
     ap.add_argument("--row-loops", default=default)
+    ap.add_argument("--ms", default="1,2048,8192", help="row counts to time")
     args = ap.parse_args()
     settings = args.row_loops.split(",")
     dev = "cuda"
@@ -50,7 +51,7 @@ def main():
     for k in (4096, 14336):
         kh, had_k = hadamard.hadamard_factor(k)
         hk = had_k.float().to(dev)
-        for m in (1, 2048, 8192):
+        for m in (int(v) for v in args.ms.split(",")):
             s = torch.tensor([0.05], device=dev)
             cases = {
                 "quantize_static_int4": (lambda i: (lambda x=torch.randn(m, k, device=dev, dtype=torch.bfloat16):
