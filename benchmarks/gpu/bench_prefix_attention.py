@@ -3,9 +3,10 @@ bf16 SDPA without a prefix, at Llama-3-8B shapes (Hq 32, Hkv 8, D 128), batch 1,
 
     PYTHONPATH=. python3 benchmarks/gpu/bench_prefix_attention.py --json $OUT/prefix_attention.json
 
-Rows: `sdpa_causal` (what bf16 runs, no prefix, `enable_gqa`), `cat_mask` (today's PrefixAttention._attend:
-prefix concatenated, a materialised bool mask, heads repeated), `flex` (FlexAttention, compiled, a block mask:
-prefix columns + causal offset, GQA native). Each checked against an fp32 math reference on the same inputs.
+Rows: `sdpa_causal` (what bf16 runs, no prefix, `enable_gqa`), `cat_mask` (PrefixAttention._attend's SDPA
+fallback: prefix concatenated, a materialised bool mask, heads repeated), `flex` (FlexAttention, compiled, a block
+mask: prefix columns + causal offset, GQA native), `slots_*` (FlexAttention over every slot of the int KV cache, as
+the static model's prefill runs it: the model's bool `keep` mask, or the same visibility from index arithmetic). Each checked against an fp32 math reference on the same inputs.
 """
 
 from __future__ import annotations
@@ -96,6 +97,31 @@ def main():
 
         lr_compiled = torch.compile(lower_right_gqa)
 
+        # As the static model's prefill runs it (`PrefixAttention._attend_slots`): keys over every slot of the
+        # int KV cache (T + 16 here, as bench_e2e sizes it), the new tokens in the first T, the rest hidden by a
+        # mask built inside the compiled call from the cache's start position (a 0-d tensor), with and without the
+        # bool `keep` tensor the model gathers from.
+        from pq_ao.nn import flex_prefix
+
+        slots = t + 16
+        ks = torch.cat([pk, k, torch.randn(1, hkv, 16, d, device=DEV, dtype=torch.bfloat16, generator=g)], 2)
+        vs = torch.cat([pv, v, torch.randn(1, hkv, 16, d, device=DEV, dtype=torch.bfloat16, generator=g)], 2)
+        start = torch.zeros((), dtype=torch.long, device=DEV)
+
+        @torch.compile(dynamic=False, fullgraph=True)
+        def slots_keep(q, ks, vs, start):
+            pos = start + torch.arange(t, device=DEV)
+            keep = (torch.arange(slots, device=DEV)[None, :] <= pos[:, None])[None]
+            return flex_prefix.prefix_flex_attention(q, ks, vs, keep, p, scale)
+
+        @torch.compile(dynamic=False, fullgraph=True)
+        def slots_index(q, ks, vs, start, **opts):
+            def mask_mod(b, h, qi, ki):
+                return (ki < p) | (ki - p <= start + qi)
+
+            bm = create_block_mask(mask_mod, 1, None, t, slots + p, device=DEV)
+            return flex_attention(q, ks, vs, block_mask=bm, scale=scale, enable_gqa=True, kernel_options=opts or None)
+
         want = reference(q, kp, vp, p, scale)
         base = reference(q, k, v, 0, scale)
         row = dict(t=t, p=p)
@@ -105,7 +131,12 @@ def main():
                               ("flex_128x128_w8_s2", flex_opts(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2), want),
                               ("flex_64x64_w4_s3", flex_opts(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3), want),
                               ("lower_right_gqa", lower_right_gqa, want), ("lower_right_expand", lower_right_expand, want),
-                              ("lower_right_flash", lower_right_flash, want), ("lower_right_compiled", lr_compiled, want)):
+                              ("lower_right_flash", lower_right_flash, want), ("lower_right_compiled", lr_compiled, want),
+                              ("slots_keep", lambda: slots_keep(q, ks, vs, start), want),
+                              ("slots_index", lambda: slots_index(q, ks, vs, start), want),
+                              ("slots_index_64x64_w4_s3",
+                               lambda: slots_index(q, ks, vs, start, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                               want)):
             try:
                 out = fn()
                 err = float((out.float() - ref).norm() / ref.norm())

@@ -5,8 +5,8 @@
 # carried in `.whl_a` (the fp8row / int4wo peers need it; so does `import pq_ao`):
 #   STEPS="tests static:prefill,decode_b1" bash benchmarks/gpu/run_e2e.sh
 #   STEPS="bf16_gqa:prefill,decode_b1 fp8row:prefill int4wo:decode_b1,prefill" bash benchmarks/gpu/run_e2e.sh
-# A step is `tests`, `kernels` (bench_kernels.py with a sweep of the Hadamard row loop's settings, ROW_LOOPS) or `<model>:<stages>`;
-# `<MODEL>_S` (e.g. STATIC_S=400) time-boxes a model's process, TEST_S the tests, KERNELS_S the kernels.
+# A step is `tests`, `attention` (bench_prefix_attention.py), `kernels` (bench_kernels.py with a sweep of the Hadamard row loop's settings, ROW_LOOPS) or `<model>:<stages>`;
+# `<MODEL>_S` (e.g. STATIC_S=400) time-boxes a model's process, TEST_S the tests, KERNELS_S the kernels, ATTENTION_S the attention.
 # Outputs land in $OUT: e2e_<model>.json (the profiles inside), <model>.log, gpu_tests.log, kernels.log, env.txt.
 set -uo pipefail
 source benchmarks/gpu/box_setup.sh .whl_a .whl
@@ -23,6 +23,13 @@ for step in ${STEPS:-tests static:prefill,decode_b1}; do
     timeout ${KERNELS_S:-90} python3 benchmarks/gpu/bench_kernels.py --out "$OUT" --row-loops ${ROW_LOOPS:-2:8:16,1:8:16,1:16:16,2:8:32,1:16:32,0:8:16,4:8:16} --ms ${KERNEL_MS:-1,2048} \
       > "$OUT/kernels.log" 2>&1
     echo "kernels rc=$?"; grep -E "hadamard|copy|Error" "$OUT/kernels.log" | tail -40
+    continue
+  fi
+  if [[ $step == attention ]]; then
+    echo "== prefill attention with a prefix"
+    timeout ${ATTENTION_S:-150} python3 benchmarks/gpu/bench_prefix_attention.py --json "$OUT/prefix_attention.json" \
+      > "$OUT/attention.log" 2>&1
+    echo "attention rc=$?"; cut -c1-220 "$OUT/attention.log" | grep -vE "^\s*$|Warning|warn" | tail -30
     continue
   fi
   model=${step%%:*}; stages=${step#*:}
