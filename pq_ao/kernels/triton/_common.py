@@ -35,10 +35,14 @@ NUM_SMS = 132
 @triton.jit
 def quantize_values(v, scale, QMIN: tl.constexpr, QMAX: tl.constexpr):
     """fp32 values -> int32 grid values: clamp(rint(v / scale), QMIN, QMAX), division correctly rounded."""
-    q = tl.math.div_rn(v, scale)
-    q = tl.minimum(tl.maximum(q, QMIN), QMAX)
-    q = (q + 12582912.0) - 12582912.0
-    return q.to(tl.int32)
+    return round_clamp(tl.math.div_rn(v, scale), QMIN, QMAX).to(tl.int32)
+
+
+@triton.jit
+def round_clamp(v, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """fp32 -> clamp(rint(v), QMIN, QMAX) as fp32 integers (round half to even: the magic-number add)."""
+    q = tl.minimum(tl.maximum(v, QMIN), QMAX)
+    return (q + 12582912.0) - 12582912.0
 
 
 @triton.jit
@@ -111,4 +115,4 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-__all__ = ["cast_out", "dp4a", "interpreting", "quantize_values", "pack_int4", "unpack_int4_x16", "qrange", "next_pow2", "triton"]
+__all__ = ["cast_out", "dp4a", "interpreting", "quantize_values", "round_clamp", "pack_int4", "unpack_int4_x16", "qrange", "next_pow2", "triton"]

@@ -20,10 +20,13 @@ products) are split into bf16 hi + lo parts (about 2**-17 relative error, near f
 at the end. A row of more than 128 x 128 elements
 (n > 16384 for powers of two) or a power-of-2 part under 16 goes to a plain-torch fallback.
 
-Fused quantization (`hadamard_quantize_static`) quantizes the fp32 transform directly, as the reference does
-(`pq_ao.kernels.reference.hadamard_quantize_static`; no rounding to the input dtype in between). Gated (a gated
-MLP's down_proj): the input rows are joined [gate | up] projections and the kernel transforms `silu(gate) * up`,
-computed in its loads with eager torch's roundings (`reference.swiglu`), so the product is never written out.
+Fused quantization (`hadamard_quantize_static`) quantizes the fp32 accumulator directly, as
+rint(acc * (1/sqrt(n) / scale)): one multiply per value instead of the reference's correctly rounded division of
+the transform (`pq_ao.kernels.reference.hadamard_quantize_static`), which it matches up to a flip at a rounding
+boundary, as the summation order already allows; e4m3 codes are converted from the fp32 integers directly. Gated
+(a gated MLP's down_proj): the input rows are joined [gate | up] projections and the kernel transforms
+`silu(gate) * up`, computed in its loads with eager torch's roundings (`reference.swiglu`), so the product is never
+written out.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import triton.language as tl
 from pq_ao import hadamard as _had
 from pq_ao.kernels import reference
 
-from ._common import NUM_SMS, cast_out, interpreting, next_pow2, pack_int4, qrange, quantize_values
+from ._common import NUM_SMS, cast_out, interpreting, next_pow2, pack_int4, qrange, round_clamp
 from .quant import quantize_static, quantize_static_e4m3
 
 MAX_C = 128
@@ -61,13 +64,14 @@ def _sylvester(i, j):
 
 
 @triton.jit
-def _mm(a_bf16, b_bf16, INTERP: tl.constexpr):
-    """bf16 @ bf16 with fp32 accumulation. The CPU interpreter's bf16 dot is wrong (it multiplies raw bits), so
-    there the same bf16 values are multiplied in fp32 (exact products; only the summation order differs)."""
+def _mm(a_bf16, b_bf16, acc, INTERP: tl.constexpr):
+    """acc + bf16 @ bf16, accumulated in fp32 on the tensor cores. The CPU interpreter's bf16 dot is wrong (it
+    multiplies raw bits), so there the same bf16 values are multiplied in fp32 (exact products; only the summation
+    order differs)."""
     if INTERP:
-        return tl.dot(a_bf16.to(tl.float32), b_bf16.to(tl.float32), input_precision="ieee")
+        return tl.dot(a_bf16.to(tl.float32), b_bf16.to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(a_bf16, b_bf16)
+        return tl.dot(a_bf16, b_bf16, acc)
 
 
 @triton.jit
@@ -79,42 +83,43 @@ def _split_bf16(v):
 
 
 @triton.jit
-def _dot_split(a, b, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, INTERP: tl.constexpr):
-    """a @ b (fp32 or bf16 values) with fp32 accumulation on bf16 tensor cores. An operand whose values are exact
-    in bf16 is used as is; the other is split into bf16 hi + lo (about 2**-17 relative): 1, 2 or 3 dots (the
-    lo @ lo term is below fp32 resolution)."""
+def _dot_split(a, b, acc, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, INTERP: tl.constexpr):
+    """acc + a @ b (fp32 or bf16 values) on bf16 tensor cores, every partial product accumulated into acc (fp32). An
+    operand whose values are exact in bf16 is used as is; the other is split into bf16 hi + lo (about 2**-17
+    relative): 1, 2 or 3 dots (the lo @ lo term is below fp32 resolution)."""
     if A_EXACT and B_EXACT:
-        return _mm(a.to(tl.bfloat16), b.to(tl.bfloat16), INTERP)
+        return _mm(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, INTERP)
     elif A_EXACT:
         a16 = a.to(tl.bfloat16)
         b_hi, b_lo = _split_bf16(b)
-        return _mm(a16, b_hi, INTERP) + _mm(a16, b_lo, INTERP)
+        return _mm(a16, b_lo, _mm(a16, b_hi, acc, INTERP), INTERP)
     elif B_EXACT:
         b16 = b.to(tl.bfloat16)
         a_hi, a_lo = _split_bf16(a)
-        return _mm(a_hi, b16, INTERP) + _mm(a_lo, b16, INTERP)
+        return _mm(a_lo, b16, _mm(a_hi, b16, acc, INTERP), INTERP)
     else:
         a_hi, a_lo = _split_bf16(a)
         b_hi, b_lo = _split_bf16(b)
-        return _mm(a_hi, b_hi, INTERP) + (_mm(a_hi, b_lo, INTERP) + _mm(a_lo, b_hi, INTERP))
+        return _mm(a_lo, b_hi, _mm(a_hi, b_lo, _mm(a_hi, b_hi, acc, INTERP), INTERP), INTERP)
 
 
 @triton.jit
-def _quantize_store(y, out_base, offs_c, mask, scale_ptr, out_ptr, QUANT: tl.constexpr, BITS: tl.constexpr,
-                    QMIN: tl.constexpr, QMAX: tl.constexpr, E4M3: tl.constexpr, INTERP: tl.constexpr):
-    """Store the fp32 transform y: quantized (packed int4 / int8 / one e4m3 code per value), or cast to the output
-    dtype."""
+def _quantize_store(acc, inv_sqrt_n, out_base, offs_c, mask, scale_ptr, out_ptr, QUANT: tl.constexpr,
+                    BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, E4M3: tl.constexpr,
+                    INTERP: tl.constexpr):
+    """Store the transform `acc * inv_sqrt_n` (inv_sqrt_n an fp32 scalar): quantized (packed int4 / int8 / one e4m3
+    code per value) as rint(acc * (inv_sqrt_n / scale)), or cast to the output dtype."""
     C: tl.constexpr = offs_c.shape[0]
     if QUANT:
-        q = quantize_values(y, tl.load(scale_ptr), QMIN, QMAX)
+        q = round_clamp(acc * tl.math.div_rn(inv_sqrt_n, tl.load(scale_ptr)), QMIN, QMAX)
         if E4M3:
-            tl.store(out_base + offs_c[None, :], q.to(tl.float32).to(tl.float8e4nv), mask=mask)
+            tl.store(out_base + offs_c[None, :], q.to(tl.float8e4nv), mask=mask)  # integers -8..7: exact
         elif BITS == 4:
-            tl.store(out_base + tl.arange(0, C // 2)[None, :], pack_int4(q), mask=mask)
+            tl.store(out_base + tl.arange(0, C // 2)[None, :], pack_int4(q.to(tl.int32)), mask=mask)
         else:
             tl.store(out_base + offs_c[None, :], q.to(tl.int8), mask=mask)
     else:
-        tl.store(out_base + offs_c[None, :], cast_out(y, out_ptr.dtype.element_ty, INTERP), mask=mask)
+        tl.store(out_base + offs_c[None, :], cast_out(acc * inv_sqrt_n, out_ptr.dtype.element_ty, INTERP), mask=mask)
 
 
 @triton.jit
@@ -152,6 +157,7 @@ def _hadamard_kernel(
     is of `silu(gate) * up` (`_gate`)."""
     pid = tl.program_id(0)
     offs_c = tl.arange(0, C)
+    inv_n = (tl.zeros((), tl.float32) + inv_sqrt_n).to(tl.float32)  # an fp64 argument under inductor, fp32 eager
     if A == 1:
         # ROWS rows of C elements per program: Y = X @ H_C
         h_c = _sylvester(offs_c[:, None], offs_c[None, :]).to(tl.bfloat16)
@@ -160,8 +166,8 @@ def _hadamard_kernel(
         rows = offs_r.to(tl.int64)[:, None]
         g, u = _load_raw(x_ptr + rows * stride_xm + offs_c[None, :], rmask, half, GATED)
         x = _gate(g, u, GATED, INTERP)
-        y = (_dot_split(x, h_c, X_BF16, True, INTERP) * inv_sqrt_n).to(tl.float32)  # fp64 scalar under inductor
-        _quantize_store(y, out_ptr + rows * stride_om, offs_c, rmask, scale_ptr, out_ptr,
+        y = _dot_split(x, h_c, tl.zeros((ROWS, C), dtype=tl.float32), X_BF16, True, INTERP)
+        _quantize_store(y, inv_n, out_ptr + rows * stride_om, offs_c, rmask, scale_ptr, out_ptr,
                         QUANT, BITS, QMIN, QMAX, E4M3, INTERP)
     else:
         # rows pid, pid + programs, ... viewed as X [A, C]: Y = (M_A @ X) @ H_C with M_A = had_k (kron) H_P1 built
@@ -194,12 +200,11 @@ def _hadamard_kernel(
             x = _gate(g, u, GATED, INTERP)
             row_n = tl.minimum(pid + (tn // NB) * programs, M - 1)  # past the last step: a row in bounds, unused
             g, u = _load_raw(x_ptr + row_n.to(tl.int64) * stride_xm + (tn % NB) * BC + offs_x, amask, half, GATED)
-            w = _dot_split(m_a, x, HK_EXACT, X_BF16, INTERP)
+            w = _dot_split(m_a, x, tl.zeros((A_PAD, BC), dtype=tl.float32), HK_EXACT, X_BF16, INTERP)
             offs_b = c0 + tl.arange(0, BC)
-            acc += _dot_split(w, _sylvester(offs_b[:, None], offs_c[None, :]).to(tl.bfloat16), False, True, INTERP)
+            acc = _dot_split(w, _sylvester(offs_b[:, None], offs_c[None, :]).to(tl.bfloat16), acc, False, True, INTERP)
             if c0 == C - BC:
-                _quantize_store((acc * inv_sqrt_n).to(tl.float32),
-                                out_ptr + row.to(tl.int64) * stride_om + offs_a[:, None] * OUT_C,
+                _quantize_store(acc, inv_n, out_ptr + row.to(tl.int64) * stride_om + offs_a[:, None] * OUT_C,
                                 offs_c, amask, scale_ptr, out_ptr, QUANT, BITS, QMIN, QMAX, E4M3, INTERP)
                 acc = tl.zeros((A_PAD, C), dtype=tl.float32)
 
