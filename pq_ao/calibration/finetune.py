@@ -9,9 +9,13 @@ AdamW (weights at `ft_lr_weight`, scales at `ft_lr_scale`, no weight decay), a c
 rate, straight-through rounding (gradients to the values and, LSQ-style, to the scales). Then the block is converted
 again from the trained values: the evaluated and deployed model runs the integer kernels, as before.
 
-The starting weight is the full-precision one (EfficientQAT), or with GPTQ the values GPTQ rounded to: starting from
-the full-precision weight would throw GPTQ's error compensation away (the first step's straight-through rounding is
-plain round-to-nearest), and "kept" would compare the training against a block that is not the one converted.
+The starting weight is the full-precision one (EfficientQAT), or with GPTQ its compensated weights: each column as
+GPTQ rounded it, the earlier columns' errors fed in (`gptq_quantize`). They round to GPTQ's codes, so training starts
+from the converted block; the full-precision weight would throw GPTQ's compensation away (the first step's
+straight-through rounding is plain round-to-nearest) and "kept" would compare against a block that is not the one
+converted. GPTQ's rounded values would start there too, but each sits at the centre of its rounding cell, half a
+step from any boundary, where small updates never change the forward: at the CPU settings (64 steps) no block moved
+(benchmarks/RESULTS.md, 2026-12-07).
 
 Invariants: training starts where conversion left the block (the trainable block's loss before the first step is
 the converted block's, up to float rounding); only one block's parameters require gradients at a time (memory: one block plus the cached streams);
@@ -96,7 +100,7 @@ def fine_tune_block(bs: BlockSites, start_weights: dict[str, list[torch.Tensor]]
                     kwargs: dict, cfg) -> FineTuneResult:
     """Train block `bs` (already converted) towards `y = FP block(x)`; see the module docstring. `start_weights[site]`
     holds the weights training starts from for the site's linears (R4 already in down_proj's): the full-precision
-    ones from before conversion, or GPTQ's dequantized values."""
+    ones from before conversion, or GPTQ's compensated weights (which round to its codes)."""
     converted = {site: list(bs.linears(site)) for site in SITES}
     trainable: dict[str, list[TrainableQuantLinear]] = {}
     act_params = []

@@ -13,7 +13,7 @@ order, and the codes are put back in the natural order. Damping: `damp * mean(di
 input touches (diag H = 0) are set to 0.
 
 Invariant: the codes returned lie on the grid of the given scale (`quant_math.quantize(w, scale)` of the returned
-dequantized weight gives them back exactly), and for the same H the output error is at most RTN's up to the damping
+dequantized weight, and of the returned compensated weights, gives them back exactly), and for the same H the output error is at most RTN's up to the damping
 (`tests/calibration/test_gptq.py` checks it is below on correlated inputs).
 """
 
@@ -26,10 +26,14 @@ from pq_ao import quant_math
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, bits: int, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = False) -> torch.Tensor:
+                  block_size: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ codes of `w` `[N, K]` (int8, values on the `bits` grid) for per-row scales `scale` `[N]` (or `[N, 1]`),
     given `gram` = X^T X `[K, K]`; `act_order`: columns by decreasing diag H. Computed in float64 (a few K x K
-    factorizations: cheap next to the block passes)."""
+    factorizations: cheap next to the block passes).
+
+    Also returns the compensated weights `[N, K]` fp32: each column as it stood when it was rounded (the earlier
+    columns' errors fed in), which round to the codes exactly and keep how far each sat from a rounding boundary
+    (where fine-tuning starts: `finetune.py`)."""
     if w.dim() != 2 or gram.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"w must be [N, K] and gram [K, K]; got {list(w.shape)}, {list(gram.shape)}")
     if not 0 <= damp < 1 or block_size < 1:
@@ -48,6 +52,7 @@ def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, bits
     L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper Cholesky factor of H^-1
     Q = torch.empty(n, k, dtype=torch.int8, device=w.device)
+    latent = torch.empty(n, k, dtype=torch.float32, device=w.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1 = W[:, i1:i2].clone()
@@ -55,12 +60,14 @@ def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, bits
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = W1[:, i]
-            q = quant_math.quantize(col.to(torch.float32).unsqueeze(1), s, bits).squeeze(1)  # the contract's rounding
+            latent[:, i1 + i] = col.to(torch.float32)
+            q = quant_math.quantize(latent[:, i1 + i].unsqueeze(1), s, bits).squeeze(1)  # the contract's rounding
             Q[:, i1 + i] = q
             err = (col - q.to(torch.float64) * s[:, 0].to(torch.float64)) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     if act_order:
-        Q = Q[:, torch.argsort(perm)]
-    return Q
+        inv = torch.argsort(perm)
+        Q, latent = Q[:, inv], latent[:, inv]
+    return Q, latent

@@ -183,10 +183,12 @@ class BlockCalibrator:
         q, k, v = (torch.cat(t) for t in zip(*qkv))
         return y, grams, (q, k, v)
 
-    def _convert(self, bs: BlockSites, grams: dict) -> None:
+    def _convert(self, bs: BlockSites, grams: dict) -> dict[str, list[torch.Tensor]]:
         """Step 1's plan for every site (weight clips; the activation absmax from the statistics), then the
-        conversion pass builds the weights from it."""
+        conversion pass builds the weights from it. Returns GPTQ's compensated weights per site (empty without
+        GPTQ): where fine-tuning starts."""
         cfg = self.cfg
+        compensated = {}
         for site in SITES:
             lins = bs.linears(site)
             clips = [weight_clip(lin.weight.detach(), grams[site], cfg.w_bits) if cfg.grid_search else None
@@ -195,14 +197,17 @@ class BlockCalibrator:
             if cfg.gptq:  # the same grid (scales), GPTQ's rounding through the site's Gram matrix
                 plan.weight_scales = [quant_math.per_channel_scale(lin.weight.detach().float(), cfg.w_bits, clip)
                                       for lin, clip in zip(lins, clips)]  # fmt: skip
-                plan.weights = [gptq_quantize(lin.weight.detach().float(), grams[site], s, cfg.w_bits, cfg.gptq_damp,
-                                              cfg.gptq_block_size, cfg.gptq_act_order).float() * s[:, None]
-                                for lin, s in zip(lins, plan.weight_scales)]  # fmt: skip
+                codes, compensated[site] = zip(*(
+                    gptq_quantize(lin.weight.detach().float(), grams[site], s, cfg.w_bits, cfg.gptq_damp,
+                                  cfg.gptq_block_size, cfg.gptq_act_order)
+                    for lin, s in zip(lins, plan.weight_scales)))  # fmt: skip
+                plan.weights = [q.float() * s[:, None] for q, s in zip(codes, plan.weight_scales)]
             new = convert_site(lins, plan, w_bits=cfg.w_bits, a_bits=cfg.a_bits, act_mode=cfg.act_mode)
             for lin, mod in zip(lins, new):
                 if mod is not lin:  # an HadamardLinear (R4) became a plain Linear with R4 in its weight
                     replace_child(bs.mlp, lin, mod)
                     bs.down = mod
+        return compensated
 
     # -- step 2 ------------------------------------------------------------------------------------------------
     def _kv(self, bs: BlockSites, qkv) -> tuple[list[float], list[float]]:
@@ -321,13 +326,13 @@ class BlockCalibrator:
             y_ft = _run(bs.block, x_ft, ft_kwargs, self.chunk)
             if not self.cfg.gptq:
                 start = {site: [lin.weight.detach().float().clone() for lin in bs.linears(site)] for site in SITES}
-        self._convert(bs, grams)
+        compensated = self._convert(bs, grams)
         k_clip, v_clip = self._kv(bs, qkv)
         act_clip, x_next, mse_minmax = self._act(bs, x, kwargs, y)
         ft = None
         if x_ft is not None:
-            if self.cfg.gptq:  # start from GPTQ's rounding, not from the weights it compensated (finetune.py)
-                start = {site: [lin.weight.dequantize(torch.float32) for lin in bs.linears(site)] for site in SITES}
+            if self.cfg.gptq:  # GPTQ's compensated weights: they round to its codes (finetune.py)
+                start = {site: list(compensated[site]) for site in SITES}
             result = fine_tune_block(bs, start, x_ft, y_ft, ft_kwargs, self.cfg)
             ft = {"loss_before": result.loss_before, "loss_after": result.loss_after, "steps": result.steps,
                   "kept": result.kept}

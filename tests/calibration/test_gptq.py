@@ -24,8 +24,11 @@ def test_gptq_beats_round_to_nearest_on_the_same_grid(bits, k, n, act_order):
     x = _correlated_inputs(512, k, gen)
     w = torch.randn(n, k, generator=gen)
     scale = quant_math.per_channel_scale(w, bits)
-    q = gptq_quantize(w, x.T @ x, scale, bits, damp=0.01, block_size=32, act_order=act_order)
+    q, latent = gptq_quantize(w, x.T @ x, scale, bits, damp=0.01, block_size=32, act_order=act_order)
     assert q.dtype == torch.int8 and q.shape == (n, k)
+    # the compensated weights round to the codes, and sit off the grid (they keep GPTQ's fed-forward errors)
+    assert torch.equal(quant_math.quantize(latent, scale[:, None], bits), q)
+    assert (latent - q.float() * scale[:, None]).abs().mean() > 0.05 * scale.mean()
     lo, hi = quant_math.qrange(bits)
     assert int(q.min()) >= lo and int(q.max()) <= hi
     w_gptq = q.float() * scale[:, None]
@@ -42,11 +45,11 @@ def test_block_size_does_not_change_the_result_much_and_dead_columns_are_zero():
     x[:, 5] = 0  # a column no input touches
     w = torch.randn(16, 64, generator=gen)
     s = quant_math.per_channel_scale(w, 4)
-    a = gptq_quantize(w, x.T @ x, s, 4, block_size=64)
-    b = gptq_quantize(w, x.T @ x, s, 4, block_size=7)
+    a = gptq_quantize(w, x.T @ x, s, 4, block_size=64)[0]
+    b = gptq_quantize(w, x.T @ x, s, 4, block_size=7)[0]
     assert (a != b).float().mean() < 0.05  # the same algorithm, other summation order
     assert (a[:, 5] == 0).all()
-    assert (gptq_quantize(w, x.T @ x, s, 4, block_size=7, act_order=True)[:, 5] == 0).all()
+    assert (gptq_quantize(w, x.T @ x, s, 4, block_size=7, act_order=True)[0][:, 5] == 0).all()
 
 
 def test_bad_arguments_are_named():
@@ -96,7 +99,7 @@ def test_act_order_puts_the_codes_back_in_place():
     assert not torch.equal(torch.argsort(energy, descending=True), torch.arange(k))
     rtn = quant_math.quantize(w, s[:, None], 4)
     for act_order in (False, True):
-        assert torch.equal(gptq_quantize(w, h, s, 4, block_size=16, act_order=act_order), rtn)
+        assert torch.equal(gptq_quantize(w, h, s, 4, block_size=16, act_order=act_order)[0], rtn)
 
 
 def test_act_order_helps_where_a_few_channels_dominate():
@@ -108,6 +111,6 @@ def test_act_order_helps_where_a_few_channels_dominate():
     s = quant_math.per_channel_scale(w, 4)
     err = {}
     for act_order in (False, True):
-        wq = gptq_quantize(w, x.T @ x, s, 4, block_size=32, act_order=act_order).float() * s[:, None]
+        wq = gptq_quantize(w, x.T @ x, s, 4, block_size=32, act_order=act_order)[0].float() * s[:, None]
         err[act_order] = float((x @ (w - wq).T).pow(2).sum())
     assert err[True] < err[False], err
