@@ -40,8 +40,8 @@ class PrefixQuantConfig(AOBaseConfig):
 
     `finetune`: block-wise fine-tuning after each block's grid search (`pq_ao.calibration.finetune`, EfficientQAT's
     Block-AP as the paper uses it): `ft_samples x ft_seqlen` tokens, `ft_epochs` epochs of `ft_batch_size`, AdamW on
-    the weights (`ft_lr_weight`) and on every quantizer scale (`ft_lr_scale`), cosine to a tenth. The defaults suit
-    a CPU; the paper's W4A4KV4 setting is 512 x 1024 tokens and 20 epochs (a GPU).
+    the weights (`ft_lr_weight`) and on every quantizer scale (`ft_lr_scale`; 0 keeps the calibrated scales), cosine to
+    a tenth. The defaults suit a CPU; the paper's W4A4KV4 setting is 512 x 1024 tokens and 20 epochs (a GPU).
 
     `fuse_projections`: at the end, q/k/v and gate/up (the linears of one activation site) become one linear each
     (`pq_ao.passes.fuse`): one quantized input and one GEMM per site, the same results. The model then has
@@ -111,9 +111,10 @@ class PrefixQuantConfig(AOBaseConfig):
                 raise ValueError(f"{name} must be in (0, 1] (or None to search it), got {value}")
         if not 0 <= self.gptq_damp < 1:
             raise ValueError(f"gptq_damp (a fraction of the mean Hessian diagonal) must be in [0, 1), got {self.gptq_damp}")
-        for name in ("ft_lr_weight", "ft_lr_scale"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.ft_lr_weight > 0:
+            raise ValueError(f"ft_lr_weight must be > 0, got {self.ft_lr_weight}")
+        if not self.ft_lr_scale >= 0:
+            raise ValueError(f"ft_lr_scale must be >= 0 (0: the scales stay as calibrated), got {self.ft_lr_scale}")
         for name in ("n_samples", "seqlen", "grid_samples", "grid_seqlen", "gptq_block_size", "ft_samples",
                      "ft_seqlen", "ft_epochs", "ft_batch_size"):
             if getattr(self, name) < 1:

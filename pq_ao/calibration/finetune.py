@@ -5,7 +5,7 @@ For block i, with X its inputs (the fine-tuning token stream through the already
 0..i-1, the prefix KV installed) and Y = the full-precision block on X: swap each converted linear for a
 `TrainableQuantLinear` (its starting weight, the calibrated per-channel weight scales, the site's activation
 scale or dynamic clip, the online Hadamard), make the static K/V scales trainable, and minimise MSE(block(X), Y) with
-AdamW (weights at `ft_lr_weight`, scales at `ft_lr_scale`, no weight decay), a cosine schedule to a tenth of each
+AdamW (weights at `ft_lr_weight`, scales at `ft_lr_scale` or frozen at 0, no weight decay), a cosine schedule to a tenth of each
 rate, straight-through rounding (gradients to the values and, LSQ-style, to the scales). Then the block is converted
 again from the trained values: the evaluated and deployed model runs the integer kernels, as before.
 
@@ -124,8 +124,13 @@ def fine_tune_block(bs: BlockSites, start_weights: dict[str, list[torch.Tensor]]
     _swap(bs, converted, trainable)
     weights = [m.weight for ms in trainable.values() for m in ms]
     scales = [m.w_scale for ms in trainable.values() for m in ms] + act_params + [q.scale for q in kv]
-    opt = torch.optim.AdamW([{"params": weights, "lr": cfg.ft_lr_weight}, {"params": scales, "lr": cfg.ft_lr_scale}],
-                            weight_decay=0.0)  # fmt: skip
+    groups = [{"params": weights, "lr": cfg.ft_lr_weight}]
+    if cfg.ft_lr_scale > 0:
+        groups.append({"params": scales, "lr": cfg.ft_lr_scale})
+    else:  # the calibrated scales stay
+        for t in scales:
+            t.requires_grad_(False)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + bs.index)
     n = x.shape[0]
     steps = cfg.ft_epochs * math.ceil(n / cfg.ft_batch_size)

@@ -90,3 +90,31 @@ def test_training_starts_from_the_block_as_converted(gptq, monkeypatch):
     assert len(seen) == model.config.num_hidden_layers
     for converted, before in seen:
         assert before == pytest.approx(converted, rel=1e-4), seen
+
+
+def test_a_zero_scale_rate_trains_the_weights_alone(monkeypatch):
+    """ft_lr_scale=0: every quantizer scale (weights' per channel, activations', K/V's) stays as calibrated while
+    the weights train (the codes move in the blocks that improve)."""
+    from pq_ao.calibration import finetune, grid_search
+    from pq_ao.calibration.sites import SITES
+
+    seen = []
+
+    def scales(bs):
+        lins = [lin for site in SITES for lin in bs.linears(site)]
+        return ([lin.weight.scale.clone() for lin in lins] + [lin.weight.act_scale.clone() for lin in lins]
+                + [bs.attn.k_quant.scale.clone(), bs.attn.v_quant.scale.clone()]), [lin.weight.qdata.clone() for lin in lins]
+
+    def recording(bs, start, x, y, kwargs, cfg):
+        before = scales(bs)
+        result = finetune.fine_tune_block(bs, start, x, y, kwargs, cfg)
+        seen.append((before, scales(bs), result.kept))
+        return result
+
+    monkeypatch.setattr(grid_search, "fine_tune_block", recording)
+    model, tok = pq_ao.load_model("stories260k", dtype=torch.float32)
+    pq_ao.quantize_(model, pq_ao.prefixquant_w4a4(finetune=True, **{**KW, "ft_lr_scale": 0.0}), tokenizer=tok)
+    assert sum(kept for *_, kept in seen) >= 3
+    for (s0, q0), (s1, q1), kept in seen:
+        assert all(torch.equal(a, b) for a, b in zip(s0, s1))
+        assert kept == any(not torch.equal(a, b) for a, b in zip(q0, q1))
