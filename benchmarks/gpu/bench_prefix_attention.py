@@ -122,6 +122,12 @@ def main():
             bm = create_block_mask(mask_mod, 1, None, t, slots + p, device=DEV)
             return flex_attention(q, ks, vs, block_mask=bm, scale=scale, enable_gqa=True, kernel_options=opts or None)
 
+        slot_mask = torch.cat([torch.ones(t, p, dtype=torch.bool, device=DEV),
+                               torch.ones(t, slots, dtype=torch.bool, device=DEV).tril()], 1)[None, None]
+
+        def slots_sdpa_gqa():  # what bf16_gqa's StaticCache prefill runs (cuDNN with a bool mask), with the prefix
+            return F.scaled_dot_product_attention(q, ks, vs, attn_mask=slot_mask, scale=scale, enable_gqa=True)
+
         want = reference(q, kp, vp, p, scale)
         base = reference(q, k, v, 0, scale)
         row = dict(t=t, p=p)
@@ -133,6 +139,7 @@ def main():
                               ("lower_right_gqa", lower_right_gqa, want), ("lower_right_expand", lower_right_expand, want),
                               ("lower_right_flash", lower_right_flash, want), ("lower_right_compiled", lr_compiled, want),
                               ("slots_keep", lambda: slots_keep(q, ks, vs, start), want),
+                              ("slots_sdpa_gqa", slots_sdpa_gqa, want),
                               ("slots_index", lambda: slots_index(q, ks, vs, start), want),
                               ("slots_index_64x64_w4_s3",
                                lambda: slots_index(q, ks, vs, start, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
