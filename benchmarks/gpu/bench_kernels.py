@@ -42,13 +42,16 @@ def main():
     default = "{programs_per_sm}:{warps}:{block_c}".format(**tk_hadamard.ROW_LOOP)
     ap.add_argument("--row-loops", default=default)
     ap.add_argument("--ms", default="1,2048,8192", help="row counts to time")
+    ap.add_argument("--ks", default="4096,14336", help="row lengths to time")
+    ap.add_argument("--kernels", default="", help="only these kernels (comma-separated names; default all)")
     args = ap.parse_args()
     settings = args.row_loops.split(",")
     dev = "cuda"
     copy = copy_tbps(dev)
     rows = []
     print(f"copy {copy:.2f} TB/s; triton {triton.__version__}, torch {torch.__version__}")
-    for k in (4096, 14336):
+    only = set(filter(None, args.kernels.split(",")))
+    for k in (int(v) for v in args.ks.split(",")):
         kh, had_k = hadamard.hadamard_factor(k)
         hk = had_k.float().to(dev)
         for m in (int(v) for v in args.ms.split(",")):
@@ -73,6 +76,8 @@ def main():
                                                      x.add_(1.0)), m * k * 4),
             }
             for name, (make, nbytes) in cases.items():
+                if only and name not in only:
+                    continue
                 first = None
                 for setting in settings if name in HADAMARD else [None]:
                     if setting is not None:

@@ -42,14 +42,17 @@ def reference(q, k, v, p, scale):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", required=True)
+    ap.add_argument("--t", default="2048,8192", help="sequence lengths")
+    ap.add_argument("--rows", default="", help="only these variants (comma-separated; default all)")
     args = ap.parse_args()
+    only = set(filter(None, args.rows.split(",")))
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False)
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=[])
     hq, hkv, d, p = 32, 8, 128, 4
     scale = d**-0.5
-    for t in (2048, 8192):
+    for t in (int(v) for v in args.t.split(",")):
         g = torch.Generator(device=DEV).manual_seed(t)
         q = torch.randn(1, hq, t, d, device=DEV, dtype=torch.bfloat16, generator=g)
         k = torch.randn(1, hkv, t, d, device=DEV, dtype=torch.bfloat16, generator=g)
@@ -144,6 +147,8 @@ def main():
                               ("slots_index_64x64_w4_s3",
                                lambda: slots_index(q, ks, vs, start, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
                                want)):
+            if only and name not in only:
+                continue
             try:
                 out = fn()
                 err = float((out.float() - ref).norm() / ref.norm())
