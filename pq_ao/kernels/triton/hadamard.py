@@ -188,9 +188,11 @@ def _hadamard_kernel(
         OUT_C: tl.constexpr = C // 2 if QUANT and BITS == 4 and not E4M3 else C
         NB: tl.constexpr = C // BC
         programs = tl.num_programs(0)
-        steps = tl.cdiv(M - pid, programs) * NB  # the grid never exceeds M
+        steps = tl.cdiv(M - pid, programs) * NB  # 0 for a program past M (a symbolic M's grid may exceed it)
         offs_x = offs_a[:, None] * C + tl.arange(0, BC)[None, :]
-        g, u = _load_raw(x_ptr + pid.to(tl.int64) * stride_xm + offs_x, amask, half, GATED)
+        row0 = tl.maximum(tl.minimum(pid, M - 1), 0)  # a row in bounds even when this program has none
+        g, u = _load_raw(x_ptr + row0.to(tl.int64) * stride_xm + offs_x, offs_a[:, None] < A * tl.minimum(M, 1), half,
+                         GATED)  # nothing read for M = 0
         acc = tl.zeros((A_PAD, C), dtype=tl.float32)
         for step in range(0, steps):
             t = step + tl.zeros((), tl.int32)  # (a Python int under the interpreter)
@@ -223,6 +225,14 @@ def _plan(n: int, had_k: torch.Tensor | None):
     a = kh * p1
     ok = c >= 16 and a <= MAX_A
     return kh, p1, a, c, ok
+
+
+def _row_loop_programs(M) -> int:
+    """The row loop's persistent grid (M_A is built once per program, not once per row): ROW_LOOP's programs per
+    multiprocessor, at most M when M is known; a symbolic M (an exported prefill) gets the full grid, and the
+    programs past M find no rows."""
+    programs = ROW_LOOP["programs_per_sm"] * NUM_SMS
+    return min(M, programs) if isinstance(M, int) else programs
 
 
 def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False, gated: bool = False):
@@ -263,9 +273,7 @@ def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False, gated: bool 
         warps = 4
     else:
         rows = 1
-        # a persistent grid: M_A is built once per program, not once per row
-        per_sm = ROW_LOOP["programs_per_sm"]
-        grid = (min(M, per_sm * NUM_SMS) if isinstance(M, int) else per_sm * NUM_SMS,)
+        grid = (_row_loop_programs(M),)
         a_pad = max(16, next_pow2(a))
         warps = ROW_LOOP["warps"] if a_pad * c >= 8192 else 4
     has_hk = had_k is not None and kh > 1

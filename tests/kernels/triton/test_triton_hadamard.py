@@ -138,7 +138,8 @@ def test_gated_input_must_join_two_halves():
 def test_row_loop_grid_and_chunks(monkeypatch, device, case, block_c):
     """The row loop (rows of more than 128 elements): every grid size writes the same bytes (a row's sums do not
     depend on which program runs it), and each column-chunk width gives the reference's codes up to boundary flips.
-    Few programs here walk many rows each, with the next step's loads issued a step ahead across row ends."""
+    Few programs here walk many rows each, with the next step's loads issued a step ahead across row ends; programs
+    past the last row (the grid of a symbolic M) write nothing."""
     from pq_ao.kernels.triton import hadamard as tk_hadamard
 
     rows, n = case
@@ -149,14 +150,13 @@ def test_row_loop_grid_and_chunks(monkeypatch, device, case, block_c):
     scale = torch.tensor([float(exact.abs().max()) * 0.8 / 7.5], dtype=torch.float32)
     args = (gate_up.to(device), had_k.float().to(device), scale.to(device))
     got = {}
-    for programs in (1, 3, rows):  # 1 and 3 programs in all (NUM_SMS patched), or one per row
-        monkeypatch.setattr(tk_hadamard, "NUM_SMS", 1)
-        monkeypatch.setitem(tk_hadamard.ROW_LOOP, "programs_per_sm", programs)
-        monkeypatch.setitem(tk_hadamard.ROW_LOOP, "block_c", block_c)
+    monkeypatch.setitem(tk_hadamard.ROW_LOOP, "block_c", block_c)
+    for programs in (1, 3, rows, rows + 5):  # 1 and 3 programs in all, one per row, more than rows (a symbolic M)
+        monkeypatch.setattr(tk_hadamard, "_row_loop_programs", lambda m, p=programs: p)
         poison(device, rows * n)
         got[programs] = tk_hadamard.hadamard_quantize_static_e4m3(*args, gated=True).cpu()
-    assert torch.equal(got[1].view(torch.uint8), got[3].view(torch.uint8))
-    assert torch.equal(got[1].view(torch.uint8), got[rows].view(torch.uint8))
+    for programs in (3, rows, rows + 5):
+        assert torch.equal(got[1].view(torch.uint8), got[programs].view(torch.uint8)), programs
     assert_boundary_flips_only(got[1].float().to(torch.int8), quant_math.unpack_int4(
         reference.hadamard_quantize_static(reference.swiglu(gate_up), had_k.float(), scale, 4)),
         exact / float(scale), f"n={n} block_c={block_c}")
