@@ -20,7 +20,7 @@ for step in ${STEPS:-tests static:prefill,decode_b1}; do
   fi
   if [[ $step == kernels ]]; then
     echo "== memory-bound kernels (Hadamard row-loop sweep)"
-    timeout ${KERNELS_S:-90} python3 benchmarks/gpu/bench_kernels.py --out "$OUT" --row-loops ${ROW_LOOPS:-2:8:16,1:8:16,1:16:16,2:8:32,1:16:32,0:8:16,4:8:16} --ms ${KERNEL_MS:-1,2048} \
+    timeout ${KERNELS_S:-90} python3 benchmarks/gpu/bench_kernels.py --out "$OUT" --row-loops ${ROW_LOOPS:-2:8:32,1:8:32,3:8:32,2:8:64,2:4:32,2:8:16} --ms ${KERNEL_MS:-1,2048} \
       > "$OUT/kernels.log" 2>&1
     echo "kernels rc=$?"; grep -E "hadamard|copy|Error" "$OUT/kernels.log" | tail -40
     continue
