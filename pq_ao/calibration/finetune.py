@@ -14,8 +14,11 @@ GPTQ rounded it, the earlier columns' errors fed in (`gptq_quantize`). They roun
 from the converted block; the full-precision weight would throw GPTQ's compensation away (the first step's
 straight-through rounding is plain round-to-nearest) and "kept" would compare against a block that is not the one
 converted. GPTQ's rounded values would start there too, but each sits at the centre of its rounding cell, half a
-step from any boundary, where small updates never change the forward: at the CPU settings (64 steps) no block moved
-(benchmarks/RESULTS.md, 2026-12-07).
+step from any boundary, where small updates never change the forward. With GPTQ the per-channel weight scales do not
+train (the activation and K/V scales do): GPTQ's codes and compensation hold for the grid it rounded on, and AdamW
+moves a ~0.02 scale by about its learning rate a step. CPU, SmolLM2, 16 windows (benchmarks/RESULTS.md,
+2026-12-07): static + GPTQ 45.31; + fine-tuning with every scale trained 45.31 (no block improved); with the weight
+scales kept 43.14.
 
 Invariants: training starts where conversion left the block (the trainable block's loss before the first step is
 the converted block's, up to float rounding); only one block's parameters require gradients at a time (memory: one block plus the cached streams);
@@ -123,7 +126,12 @@ def fine_tune_block(bs: BlockSites, start_weights: dict[str, list[torch.Tensor]]
         p.requires_grad_(False)
     _swap(bs, converted, trainable)
     weights = [m.weight for ms in trainable.values() for m in ms]
-    scales = [m.w_scale for ms in trainable.values() for m in ms] + act_params + [q.scale for q in kv]
+    w_scales = [m.w_scale for ms in trainable.values() for m in ms]
+    if cfg.gptq:  # GPTQ's codes are tied to the grid it rounded on: the weight scales stay
+        for t in w_scales:
+            t.requires_grad_(False)
+        w_scales = []
+    scales = w_scales + act_params + [q.scale for q in kv]
     groups = [{"params": weights, "lr": cfg.ft_lr_weight}]
     if cfg.ft_lr_scale > 0:
         groups.append({"params": scales, "lr": cfg.ft_lr_scale})

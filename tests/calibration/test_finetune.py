@@ -118,3 +118,28 @@ def test_a_zero_scale_rate_trains_the_weights_alone(monkeypatch):
     for (s0, q0), (s1, q1), kept in seen:
         assert all(torch.equal(a, b) for a, b in zip(s0, s1))
         assert kept == any(not torch.equal(a, b) for a, b in zip(q0, q1))
+
+
+def test_with_gptq_the_weight_scales_stay_and_the_activation_scales_train(monkeypatch):
+    """GPTQ's codes are tied to the grid it rounded on: fine-tuning after GPTQ keeps every per-channel weight scale and
+    trains the activation and K/V scales (and the weights)."""
+    from pq_ao.calibration import finetune, grid_search
+    from pq_ao.calibration.sites import SITES
+
+    seen = []
+
+    def recording(bs, start, x, y, kwargs, cfg):
+        lins = lambda: [lin for site in SITES for lin in bs.linears(site)]  # noqa: E731
+        before = ([lin.weight.scale.clone() for lin in lins()], [lin.weight.act_scale.clone() for lin in lins()])
+        result = finetune.fine_tune_block(bs, start, x, y, kwargs, cfg)
+        seen.append((before, ([lin.weight.scale for lin in lins()], [lin.weight.act_scale for lin in lins()]),
+                     result.kept))
+        return result
+
+    monkeypatch.setattr(grid_search, "fine_tune_block", recording)
+    model, tok = pq_ao.load_model("stories260k", dtype=torch.float32)
+    pq_ao.quantize_(model, pq_ao.prefixquant_w4a4(finetune=True, gptq=True, **KW), tokenizer=tok)
+    assert sum(kept for *_, kept in seen) >= 3
+    for (w0, a0), (w1, a1), kept in seen:
+        assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+        assert not kept or any(not torch.equal(a, b) for a, b in zip(a0, a1))
