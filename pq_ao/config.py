@@ -41,7 +41,8 @@ class PrefixQuantConfig(AOBaseConfig):
     `finetune`: block-wise fine-tuning after each block's grid search (`pq_ao.calibration.finetune`, EfficientQAT's
     Block-AP as the paper uses it): `ft_samples x ft_seqlen` tokens, `ft_epochs` epochs of `ft_batch_size`, AdamW on
     the weights (`ft_lr_weight`) and on every quantizer scale (`ft_lr_scale`; 0 keeps the calibrated scales; with
-    `gptq` the weight scales always stay, GPTQ's codes being tied to them), cosine to a tenth. The defaults suit a CPU; the paper's W4A4KV4 setting is 512 x 1024 tokens and 20 epochs (a GPU).
+    `gptq` the weight scales always stay, GPTQ's codes being tied to them), cosine to a tenth. The defaults suit a
+    CPU; the paper's W4A4KV4 setting is 512 x 1024 tokens and 20 epochs (a GPU).
 
     `fuse_projections`: at the end, q/k/v and gate/up (the linears of one activation site) become one linear each
     (`pq_ao.passes.fuse`): one quantized input and one GEMM per site, the same results. The model then has

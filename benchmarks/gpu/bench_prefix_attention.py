@@ -5,8 +5,10 @@ bf16 SDPA without a prefix, at Llama-3-8B shapes (Hq 32, Hkv 8, D 128), batch 1,
 
 Rows: `sdpa_causal` (what bf16 runs, no prefix, `enable_gqa`), `cat_mask` (PrefixAttention._attend's SDPA
 fallback: prefix concatenated, a materialised bool mask, heads repeated), `flex` (FlexAttention, compiled, a block
-mask: prefix columns + causal offset, GQA native), `slots_*` (FlexAttention over every slot of the int KV cache, as
-the static model's prefill runs it: the model's bool `keep` mask, or the same visibility from index arithmetic). Each checked against an fp32 math reference on the same inputs.
+mask: prefix columns + causal offset, GQA native), `slots_*` (over every slot of the int KV cache, as the static
+model's prefill attends: FlexAttention with the model's bool `keep` mask or the same visibility from index
+arithmetic, and SDPA `enable_gqa` with the bool mask, what bf16_gqa's prefill runs). Each checked against an fp32
+math reference on the same inputs.
 """
 
 from __future__ import annotations

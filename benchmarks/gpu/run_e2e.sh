@@ -5,8 +5,9 @@
 # carried in `.whl_a` (the fp8row / int4wo peers need it; so does `import pq_ao`):
 #   STEPS="tests static:prefill,decode_b1" bash benchmarks/gpu/run_e2e.sh
 #   STEPS="bf16_gqa:prefill,decode_b1 fp8row:prefill int4wo:decode_b1,prefill" bash benchmarks/gpu/run_e2e.sh
-# A step is `tests`, `attention` (bench_prefix_attention.py), `kernels` (bench_kernels.py with a sweep of the Hadamard row loop's settings, ROW_LOOPS) or `<model>:<stages>`;
-# `<MODEL>_S` (e.g. STATIC_S=400) time-boxes a model's process, TEST_S the tests, KERNELS_S the kernels, ATTENTION_S the attention.
+# A step is `tests`, `attention` (bench_prefix_attention.py), `kernels` (bench_kernels.py with a sweep of the
+# Hadamard row loop's settings, ROW_LOOPS, at KERNEL_MS rows) or `<model>:<stages>`. `<MODEL>_S` (e.g. STATIC_S=400)
+# time-boxes a model's process, TEST_S the tests, KERNELS_S the kernels, ATTENTION_S the attention.
 # Outputs land in $OUT: e2e_<model>.json (the profiles inside), <model>.log, gpu_tests.log, kernels.log, env.txt.
 set -uo pipefail
 source benchmarks/gpu/box_setup.sh .whl_a .whl

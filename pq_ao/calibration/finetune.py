@@ -5,8 +5,8 @@ For block i, with X its inputs (the fine-tuning token stream through the already
 0..i-1, the prefix KV installed) and Y = the full-precision block on X: swap each converted linear for a
 `TrainableQuantLinear` (its starting weight, the calibrated per-channel weight scales, the site's activation
 scale or dynamic clip, the online Hadamard), make the static K/V scales trainable, and minimise MSE(block(X), Y) with
-AdamW (weights at `ft_lr_weight`, scales at `ft_lr_scale` or frozen at 0, no weight decay), a cosine schedule to a tenth of each
-rate, straight-through rounding (gradients to the values and, LSQ-style, to the scales). Then the block is converted
+AdamW (weights at `ft_lr_weight`, scales at `ft_lr_scale` or frozen at 0, no weight decay), a cosine schedule to
+a tenth of each rate, straight-through rounding (gradients to the values and, LSQ-style, to the scales). Then the block is converted
 again from the trained values: the evaluated and deployed model runs the integer kernels, as before.
 
 The starting weight is the full-precision one (EfficientQAT), or with GPTQ its compensated weights: each column as
@@ -127,17 +127,15 @@ def fine_tune_block(bs: BlockSites, start_weights: dict[str, list[torch.Tensor]]
     _swap(bs, converted, trainable)
     weights = [m.weight for ms in trainable.values() for m in ms]
     w_scales = [m.w_scale for ms in trainable.values() for m in ms]
-    if cfg.gptq:  # GPTQ's codes are tied to the grid it rounded on: the weight scales stay
-        for t in w_scales:
-            t.requires_grad_(False)
-        w_scales = []
-    scales = w_scales + act_params + [q.scale for q in kv]
+    other_scales = act_params + [q.scale for q in kv]
+    # GPTQ's codes are tied to the grid it rounded on: its weight scales stay; ft_lr_scale = 0 keeps every scale
+    kept = (w_scales if cfg.gptq or cfg.ft_lr_scale == 0 else []) + (other_scales if cfg.ft_lr_scale == 0 else [])
+    for t in kept:
+        t.requires_grad_(False)
+    trained = [t for t in w_scales + other_scales if t.requires_grad]
     groups = [{"params": weights, "lr": cfg.ft_lr_weight}]
-    if cfg.ft_lr_scale > 0:
-        groups.append({"params": scales, "lr": cfg.ft_lr_scale})
-    else:  # the calibrated scales stay
-        for t in scales:
-            t.requires_grad_(False)
+    if trained:
+        groups.append({"params": trained, "lr": cfg.ft_lr_scale})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + bs.index)
     n = x.shape[0]

@@ -13,8 +13,9 @@ order, and the codes are put back in the natural order. Damping: `damp * mean(di
 input touches (diag H = 0) are set to 0.
 
 Invariant: the codes returned lie on the grid of the given scale (`quant_math.quantize(w, scale)` of the returned
-dequantized weight, and of the returned compensated weights, gives them back exactly), and for the same H the output error is at most RTN's up to the damping
-(`tests/calibration/test_gptq.py` checks it is below on correlated inputs).
+dequantized weight, and of the returned compensated weights, gives them back exactly), and for the same H the
+output error is at most RTN's up to the damping (`tests/calibration/test_gptq.py` checks it is below on correlated
+inputs).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, bits
     L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper Cholesky factor of H^-1
     Q = torch.empty(n, k, dtype=torch.int8, device=w.device)
-    latent = torch.empty(n, k, dtype=torch.float32, device=w.device)
+    compensated = torch.empty(n, k, dtype=torch.float32, device=w.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1 = W[:, i1:i2].clone()
@@ -60,8 +61,8 @@ def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, bits
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = W1[:, i]
-            latent[:, i1 + i] = col.to(torch.float32)
-            q = quant_math.quantize(latent[:, i1 + i].unsqueeze(1), s, bits).squeeze(1)  # the contract's rounding
+            compensated[:, i1 + i] = col.to(torch.float32)
+            q = quant_math.quantize(compensated[:, i1 + i].unsqueeze(1), s, bits).squeeze(1)  # the contract's rounding
             Q[:, i1 + i] = q
             err = (col - q.to(torch.float64) * s[:, 0].to(torch.float64)) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
@@ -69,5 +70,5 @@ def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, bits
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     if act_order:
         inv = torch.argsort(perm)
-        Q, latent = Q[:, inv], latent[:, inv]
-    return Q, latent
+        Q, compensated = Q[:, inv], compensated[:, inv]
+    return Q, compensated
