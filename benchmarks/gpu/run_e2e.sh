@@ -6,7 +6,8 @@
 #   STEPS="tests static:prefill,decode_b1" bash benchmarks/gpu/run_e2e.sh
 #   STEPS="bf16_gqa:prefill,decode_b1 fp8row:prefill int4wo:decode_b1,prefill" bash benchmarks/gpu/run_e2e.sh
 # A step is `tests`, `attention` (bench_prefix_attention.py), `kernels` (bench_kernels.py with a sweep of the
-# Hadamard row loop's settings, ROW_LOOPS, at KERNEL_MS rows) or `<model>:<stages>`. `<MODEL>_S` (e.g. STATIC_S=400)
+# Hadamard row loop's settings, ROW_LOOPS, at KERNEL_MS rows of KERNEL_KS elements, KERNEL_NAMES only; ATTENTION_ARGS passes
+# e.g. "--t 2048 --rows slots_keep,slots_sdpa_gqa" to the attention step) or `<model>:<stages>`. `<MODEL>_S` (e.g. STATIC_S=400)
 # time-boxes a model's process, TEST_S the tests, KERNELS_S the kernels, ATTENTION_S the attention.
 # Outputs land in $OUT: e2e_<model>.json (the profiles inside), <model>.log, gpu_tests.log, kernels.log, env.txt.
 set -uo pipefail
@@ -21,14 +22,14 @@ for step in ${STEPS:-tests static:prefill,decode_b1}; do
   fi
   if [[ $step == kernels ]]; then
     echo "== memory-bound kernels (Hadamard row-loop sweep)"
-    timeout ${KERNELS_S:-90} python3 benchmarks/gpu/bench_kernels.py --out "$OUT" --row-loops ${ROW_LOOPS:-2:8:32,1:8:32,3:8:32,2:8:64,2:4:32,2:8:16} --ms ${KERNEL_MS:-1,2048} \
+    timeout ${KERNELS_S:-90} python3 benchmarks/gpu/bench_kernels.py --out "$OUT" --row-loops ${ROW_LOOPS:-2:8:32,1:8:32,3:8:32,2:8:64,2:4:32,2:8:16} --ms ${KERNEL_MS:-1,2048} --ks ${KERNEL_KS:-4096,14336} ${KERNEL_NAMES:+--kernels $KERNEL_NAMES} \
       > "$OUT/kernels.log" 2>&1
     echo "kernels rc=$?"; grep -E "hadamard|copy|Error" "$OUT/kernels.log" | tail -40
     continue
   fi
   if [[ $step == attention ]]; then
     echo "== prefill attention with a prefix"
-    timeout ${ATTENTION_S:-150} python3 benchmarks/gpu/bench_prefix_attention.py --json "$OUT/prefix_attention.json" \
+    timeout ${ATTENTION_S:-150} python3 benchmarks/gpu/bench_prefix_attention.py --json "$OUT/prefix_attention.json" ${ATTENTION_ARGS:-} \
       > "$OUT/attention.log" 2>&1
     echo "attention rc=$?"; cut -c1-220 "$OUT/attention.log" | grep -vE "^\s*$|Warning|warn" | tail -30
     continue

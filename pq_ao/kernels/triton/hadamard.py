@@ -9,6 +9,8 @@ matmuls per row, no butterflies and no permutes. Both matrices are built in regi
 (-1)**popcount(i & j); had_k is gathered from its [KH, KH] tensor), so nothing is precomputed on the host.
 Rows with A > 1 run in a persistent loop (`ROW_LOOP`): each program builds M_A once, then walks its rows in steps of
 BC columns, Y = sum_b (M_A @ X[:, b]) @ H_C[b, :], with the next step's loads issued before the current step's dots.
+Few rows (decode) split each row's transform by blocks of M_A's rows (`_a_blocks`): M = 1 at n = 14336 runs on 8
+programs instead of one.
 The whole-row form (X @ H_C, then M_A @ Z, both [128, 128] in registers) held 255 registers and 128 KiB of shared
 memory, one program per multiprocessor with its loads exposed: down_proj's transform (M = 2048, n = 14336) took
 ~204 us on an H100 (2026-12-07 prefill profile) against ~35 us of traffic.
@@ -149,7 +151,7 @@ def _gate(g, u, GATED: tl.constexpr, INTERP: tl.constexpr):
 def _hadamard_kernel(
     x_ptr, hk_ptr, scale_ptr, out_ptr, M, stride_xm, stride_om, inv_sqrt_n, half,
     KH: tl.constexpr, HAS_HK: tl.constexpr, HK_EXACT: tl.constexpr, P1: tl.constexpr, A: tl.constexpr, A_PAD: tl.constexpr,
-    C: tl.constexpr, ROWS: tl.constexpr, BC: tl.constexpr, X_BF16: tl.constexpr,
+    C: tl.constexpr, ROWS: tl.constexpr, RA: tl.constexpr, BC: tl.constexpr, X_BF16: tl.constexpr,
     QUANT: tl.constexpr, BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, E4M3: tl.constexpr,
     GATED: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -170,13 +172,19 @@ def _hadamard_kernel(
         _quantize_store(y, inv_n, out_ptr + rows * stride_om, offs_c, rmask, scale_ptr, out_ptr,
                         QUANT, BITS, QMIN, QMAX, E4M3, INTERP)
     else:
-        # rows pid, pid + programs, ... viewed as X [A, C]: Y = (M_A @ X) @ H_C with M_A = had_k (kron) H_P1 built
-        # once per program, accumulated over column chunks of BC: Y = sum_b (M_A @ X[:, b]) @ H_C[b, :]. One loop
-        # over (row, chunk) steps; each step issues the next step's loads before its own dots (a register double
+        # A row viewed as X [A, C]: Y = (M_A @ X) @ H_C with M_A = had_k (kron) H_P1. The work is split in units
+        # (row, a-block): a-block `ab` computes Y's rows ab * RA .. ab * RA + RA - 1 from all of X (NA = A_PAD / RA
+        # blocks; NA > 1 spreads a few rows over many programs, decode). Programs walk units pid, pid + programs,
+        # ...; `programs` is a multiple of NA, so a program's a-block is fixed and its M_A rows are built once.
+        # Each unit accumulates over column chunks of BC: Y = sum_b (M_A @ X[:, b]) @ H_C[b, :], in one loop over
+        # (unit, chunk) steps; each step issues the next step's loads before its own dots (a register double
         # buffer: the pipeliner does not buffer loads that feed elementwise code).
+        NA: tl.constexpr = A_PAD // RA
         offs_a = tl.arange(0, A_PAD)
         amask = offs_a[:, None] < A
-        i = offs_a[:, None]
+        offs_ra = (pid % NA) * RA + tl.arange(0, RA)
+        ramask = offs_ra[:, None] < A
+        i = offs_ra[:, None]
         j = offs_a[None, :]
         m_a = _sylvester(i % P1, j % P1)
         if HAS_HK:
@@ -188,28 +196,27 @@ def _hadamard_kernel(
         OUT_C: tl.constexpr = C // 2 if QUANT and BITS == 4 and not E4M3 else C
         NB: tl.constexpr = C // BC
         programs = tl.num_programs(0)
-        steps = tl.cdiv(M - pid, programs) * NB  # 0 for a program past M (a symbolic M's grid may exceed it)
+        steps = tl.cdiv(M * NA - pid, programs) * NB  # <= 0 for a program past the units (a symbolic M's grid)
         offs_x = offs_a[:, None] * C + tl.arange(0, BC)[None, :]
-        row0 = tl.maximum(tl.minimum(pid, M - 1), 0)  # a row in bounds even when this program has none
+        row0 = tl.maximum(tl.minimum(pid // NA, M - 1), 0)  # a row in bounds even when this program has none
         g, u = _load_raw(x_ptr + row0.to(tl.int64) * stride_xm + offs_x, offs_a[:, None] < A * tl.minimum(M, 1), half,
                          GATED)  # nothing read for M = 0
-        acc = tl.zeros((A_PAD, C), dtype=tl.float32)
+        acc = tl.zeros((RA, C), dtype=tl.float32)
         for step in range(0, steps):
             t = step + tl.zeros((), tl.int32)  # (a Python int under the interpreter)
-            row = pid + (t // NB) * programs
+            row = (pid + (t // NB) * programs) // NA
             c0 = (t % NB) * BC
             tn = t + 1
             x = _gate(g, u, GATED, INTERP)
-            row_n = tl.minimum(pid + (tn // NB) * programs, M - 1)  # past the last step: a row in bounds, unused
+            row_n = tl.minimum((pid + (tn // NB) * programs) // NA, M - 1)  # past the last step: in bounds, unused
             g, u = _load_raw(x_ptr + row_n.to(tl.int64) * stride_xm + (tn % NB) * BC + offs_x, amask, half, GATED)
-            w = _dot_split(m_a, x, tl.zeros((A_PAD, BC), dtype=tl.float32), HK_EXACT, X_BF16, INTERP)
+            w = _dot_split(m_a, x, tl.zeros((RA, BC), dtype=tl.float32), HK_EXACT, X_BF16, INTERP)
             offs_b = c0 + tl.arange(0, BC)
             acc = _dot_split(w, _sylvester(offs_b[:, None], offs_c[None, :]).to(tl.bfloat16), acc, False, True, INTERP)
             if c0 == C - BC:
-                _quantize_store(acc, inv_n, out_ptr + row.to(tl.int64) * stride_om + offs_a[:, None] * OUT_C,
-                                offs_c, amask, scale_ptr, out_ptr, QUANT, BITS, QMIN, QMAX, E4M3, INTERP)
-                acc = tl.zeros((A_PAD, C), dtype=tl.float32)
-
+                _quantize_store(acc, inv_n, out_ptr + row.to(tl.int64) * stride_om + offs_ra[:, None] * OUT_C,
+                                offs_c, ramask, scale_ptr, out_ptr, QUANT, BITS, QMIN, QMAX, E4M3, INTERP)
+                acc = tl.zeros((RA, C), dtype=tl.float32)
 
 def _plan(n: int, had_k: torch.Tensor | None):
     kh = 1 if had_k is None else int(had_k.shape[0])
@@ -227,12 +234,26 @@ def _plan(n: int, had_k: torch.Tensor | None):
     return kh, p1, a, c, ok
 
 
-def _row_loop_programs(M) -> int:
-    """The row loop's persistent grid (M_A is built once per program, not once per row): ROW_LOOP's programs per
-    multiprocessor, at most M when M is known; a symbolic M (an exported prefill) gets the full grid, and the
-    programs past M find no rows."""
-    programs = ROW_LOOP["programs_per_sm"] * NUM_SMS
-    return min(M, programs) if isinstance(M, int) else programs
+def _a_blocks(M, a_pad: int) -> int:
+    """How many blocks of M_A's rows a row's transform is split into (a power of 2, each of at least 16 rows): enough
+    for M rows to occupy every multiprocessor (decode: M = 1 gives A_PAD / 16 programs instead of one), 1 for M of
+    a multiprocessor count or more and for a symbolic M (an exported prefill)."""
+    if not isinstance(M, int):
+        return 1
+    want = NUM_SMS // max(M, 1)
+    na = 1
+    while na * 2 <= min(want, a_pad // 16):
+        na *= 2
+    return na
+
+
+def _row_loop_programs(M, na: int = 1) -> int:
+    """The row loop's persistent grid (M_A's rows are built once per program, not once per unit): ROW_LOOP's
+    programs per multiprocessor rounded down to a multiple of `na` (so each program keeps one a-block), at most the
+    M * na units when M is known; a symbolic M (an exported prefill) gets the full grid, and the programs past the
+    units find none."""
+    programs = ROW_LOOP["programs_per_sm"] * NUM_SMS // na * na
+    return min(M * na, programs) if isinstance(M, int) else programs
 
 
 def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False, gated: bool = False):
@@ -269,13 +290,17 @@ def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False, gated: bool 
     if a == 1:
         rows = max(16, 4096 // c)
         grid = (triton.cdiv(M, rows),)
-        a_pad = 1
+        a_pad = ra = 1
         warps = 4
     else:
         rows = 1
-        grid = (_row_loop_programs(M),)
         a_pad = max(16, next_pow2(a))
-        warps = ROW_LOOP["warps"] if a_pad * c >= 8192 else 4
+        na = _a_blocks(M, a_pad)
+        grid = (_row_loop_programs(M, na),)
+        if grid[0] % na:
+            raise AssertionError(f"the row loop's grid ({grid[0]}) must be a multiple of its a-blocks ({na})")
+        ra = a_pad // na
+        warps = ROW_LOOP["warps"] if a_pad * c >= 8192 else 4  # X [A_PAD, BC] loads dominate at any RA
     has_hk = had_k is not None and kh > 1
     if has_hk and not had_k.is_contiguous():
         had_k = had_k.contiguous()
@@ -283,7 +308,7 @@ def _launch(x, had_k, scale, bits, quant: bool, e4m3: bool = False, gated: bool 
         x2, had_k if has_hk else x2, scale if quant else x2, out, M, x2.stride(0), out.stride(0),
         1.0 / math.sqrt(n), n,
         KH=kh, HAS_HK=has_hk, HK_EXACT=(not has_hk) or _had.has_true_hadamard(kh),
-        P1=p1, A=a, A_PAD=a_pad, C=c, ROWS=rows, BC=min(c, ROW_LOOP["block_c"]), X_BF16=(x.dtype == torch.bfloat16),
+        P1=p1, A=a, A_PAD=a_pad, C=c, ROWS=rows, RA=ra, BC=min(c, ROW_LOOP["block_c"]), X_BF16=(x.dtype == torch.bfloat16),
         QUANT=quant, BITS=bits, QMIN=qmin, QMAX=qmax, E4M3=e4m3, GATED=gated,
         INTERP=interpreting(), num_warps=warps,
     )

@@ -136,10 +136,11 @@ def test_gated_input_must_join_two_halves():
 @pytest.mark.parametrize("device,case", cases([(7, 14336), (9, 4096)], [(1000, 14336), (333, 4096)]))
 @pytest.mark.parametrize("block_c", [16, 32, 128])
 def test_row_loop_grid_and_chunks(monkeypatch, device, case, block_c):
-    """The row loop (rows of more than 128 elements): every grid size writes the same bytes (a row's sums do not
-    depend on which program runs it), and each column-chunk width gives the reference's codes up to boundary flips.
-    Few programs here walk many rows each, with the next step's loads issued a step ahead across row ends; programs
-    past the last row (the grid of a symbolic M) write nothing."""
+    """The row loop (rows of more than 128 elements): every grid size and every split of a row into blocks of M_A's
+    rows writes the same bytes (a row's sums do not depend on which program runs it), and each column-chunk width
+    gives the reference's codes up to boundary flips. Few programs here walk many units each, with the next step's
+    loads issued a step ahead across unit ends; programs past the last unit (the grid of a symbolic M) write
+    nothing."""
     from pq_ao.kernels.triton import hadamard as tk_hadamard
 
     rows, n = case
@@ -151,12 +152,35 @@ def test_row_loop_grid_and_chunks(monkeypatch, device, case, block_c):
     args = (gate_up.to(device), had_k.float().to(device), scale.to(device))
     got = {}
     monkeypatch.setitem(tk_hadamard.ROW_LOOP, "block_c", block_c)
-    for programs in (1, 3, rows, rows + 5):  # 1 and 3 programs in all, one per row, more than rows (a symbolic M)
-        monkeypatch.setattr(tk_hadamard, "_row_loop_programs", lambda m, p=programs: p)
+    # a-blocks: one (M_A whole), two, and M_A's 16-row blocks (A_PAD / 16: 8 at 14336, 2 at 4096); programs: 1 and 3
+    # per a-block, one unit each, more than units (a symbolic M)
+    settings = [(na, k) for na in sorted({1, 2, tk_hadamard.next_pow2(n // 128) // 16 or 1})
+                for k in (1, 3, rows, rows + 5)]
+    for na, k in settings:
+        monkeypatch.setattr(tk_hadamard, "_a_blocks", lambda m, a_pad, na=na: na)
+        monkeypatch.setattr(tk_hadamard, "_row_loop_programs", lambda m, na, k=k: k * na)
         poison(device, rows * n)
-        got[programs] = tk_hadamard.hadamard_quantize_static_e4m3(*args, gated=True).cpu()
-    for programs in (3, rows, rows + 5):
-        assert torch.equal(got[1].view(torch.uint8), got[programs].view(torch.uint8)), programs
-    assert_boundary_flips_only(got[1].float().to(torch.int8), quant_math.unpack_int4(
+        got[na, k] = tk_hadamard.hadamard_quantize_static_e4m3(*args, gated=True).cpu()
+    for key in settings[1:]:
+        assert torch.equal(got[1, 1].view(torch.uint8), got[key].view(torch.uint8)), key
+    assert_boundary_flips_only(got[1, 1].float().to(torch.int8), quant_math.unpack_int4(
         reference.hadamard_quantize_static(reference.swiglu(gate_up), had_k.float(), scale, 4)),
         exact / float(scale), f"n={n} block_c={block_c}")
+
+
+def test_a_blocks_fill_the_multiprocessors_for_few_rows():
+    """Decode rows split into 16-row blocks of M_A (at most A_PAD / 16), prefill rows stay whole, and the grid
+    holds a whole number of a-blocks."""
+    from pq_ao.kernels.triton import hadamard as tk_hadamard
+
+    assert tk_hadamard._a_blocks(1, 128) == 8
+    assert tk_hadamard._a_blocks(1, 32) == 2
+    assert tk_hadamard._a_blocks(16, 128) == 8
+    assert tk_hadamard._a_blocks(64, 128) == 2
+    assert tk_hadamard._a_blocks(2048, 128) == 1
+    symbolic = object()  # not an int: an exported prefill's M
+    assert tk_hadamard._a_blocks(symbolic, 128) == 1
+    for m, na in ((1, 8), (5, 8), (100, 1), (10**6, 2), (symbolic, 8)):
+        programs = tk_hadamard._row_loop_programs(m, na)
+        assert programs % na == 0 and 0 < programs
+        assert m is symbolic or programs <= m * na
