@@ -36,6 +36,63 @@ def _set_row_loop(setting: str) -> None:
     tk_hadamard.ROW_LOOP.update(programs_per_sm=per_sm or 10**9, warps=warps, block_c=block_c)
 
 
+# decode GEMV shapes (N, K) of Llama-3-8B: fused q/k/v, o_proj, fused gate/up, down_proj
+GEMV_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
+
+
+def gemv_sweep(args) -> None:
+    """M = 1 (batch-1 decode) W4A4 GEMV at each `gemm.GEMV` setting: `static_linear` from bf16 activations (the
+    quantize in the GEMV, as q/k/v and gate/up run) and `int_linear` from packed int4 codes (o/down, after the
+    Hadamard kernel), in µs and as a fraction of the copy bandwidth on the int4 weight bytes. Every setting's output
+    is compared with the first's (the same integer sums: 0 differing)."""
+    from harness import act, rand_packed
+
+    from pq_ao.kernels.triton import gemm
+
+    dev = "cuda"
+    copy = copy_tbps(dev)
+    print(f"copy {copy:.2f} TB/s; triton {triton.__version__}, torch {torch.__version__}")
+    rows = []
+    for n, k in GEMV_SHAPES:
+        ws = torch.rand(n, device=dev) * 0.01 + 1e-3
+        xs = torch.tensor([0.05], device=dev)
+        torch.manual_seed(n + k)
+        w_fixed, x_fixed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev), act(1, k, dev)
+        xq_fixed = torch.randint(0, 256, (1, k // 2), dtype=torch.uint8, device=dev)
+        for kind in ("static_linear", "int_linear"):
+            first = None
+            for setting in args.gemv.split(","):
+                pf, bn, bk, warps, per_sm = (int(v) for v in setting.split(":"))
+                gemm.GEMV.update(prefetch=bool(pf), block_n=bn, block_k=bk, warps=warps, per_sm=per_sm)
+                if kind == "static_linear":
+                    def make(i):
+                        w, x = rand_packed(n, k, dev), act(1, k, dev)
+                        return lambda: tk.static_linear(x, xs, None, w, ws, None, 4, 4, torch.bfloat16)
+                    check = lambda: tk.static_linear(x_fixed, xs, None, w_fixed, ws, None, 4, 4, torch.float32)  # noqa: E731
+                else:
+                    def make(i):
+                        w, x = rand_packed(n, k, dev), rand_packed(1, k, dev)
+                        return lambda: tk.int_linear(x, xs, w, ws, None, 4, 4, torch.bfloat16)
+                    check = lambda: tk.int_linear(xq_fixed, xs, w_fixed, ws, None, 4, 4, torch.float32)  # noqa: E731
+                row = dict(kernel=f"gemv_{kind}", n=n, k=k, gemv=setting)
+                try:
+                    ms = timed(make, n * k // 2)
+                    gbs = n * k / 2 / ms / 1e6
+                    out = check()
+                    first = out if first is None else first
+                    row.update(us=ms * 1e3, gbps=gbs, pct_copy=100 * gbs / (copy * 1e3),
+                               differing_from_first=float((out != first).float().mean()))
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                rows.append(row)
+                print(f"gemv {kind:13s} N={n:5d} K={k:5d} {setting:16s}",
+                      f"{row['us']:7.1f} us {row['pct_copy']:5.1f}% of copy diff {row['differing_from_first']}"
+                      if "us" in row else row["error"], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels_gemv.json").write_text(json.dumps(dict(copy_TBps=copy, rows=rows), indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
@@ -44,7 +101,11 @@ def main():
     ap.add_argument("--ms", default="1,2048,8192", help="row counts to time")
     ap.add_argument("--ks", default="4096,14336", help="row lengths to time")
     ap.add_argument("--kernels", default="", help="only these kernels (comma-separated names; default all)")
+    ap.add_argument("--gemv", default="", help="decode GEMV settings to time instead, prefetch:block_n:block_k:"
+                    "warps:per_sm (gemm.GEMV), comma-separated; e.g. 0:16:1024:4:3,1:16:1024:4:3")
     args = ap.parse_args()
+    if args.gemv:
+        return gemv_sweep(args)
     settings = args.row_loops.split(",")
     dev = "cuda"
     copy = copy_tbps(dev)

@@ -5,7 +5,7 @@
 # carried in `.whl_a` (the fp8row / int4wo peers need it; so does `import pq_ao`):
 #   STEPS="tests static:prefill,decode_b1" bash benchmarks/gpu/run_e2e.sh
 #   STEPS="bf16_gqa:prefill,decode_b1 fp8row:prefill int4wo:decode_b1,prefill" bash benchmarks/gpu/run_e2e.sh
-# A step is `tests`, `attention` (bench_prefix_attention.py), `kernels` (bench_kernels.py with a sweep of the
+# A step is `tests`, `attention` (bench_prefix_attention.py), `gemv` (bench_kernels.py --gemv GEMVS), `kernels` (bench_kernels.py with a sweep of the
 # Hadamard row loop's settings, ROW_LOOPS, at KERNEL_MS rows of KERNEL_KS elements, KERNEL_NAMES only; ATTENTION_ARGS passes
 # e.g. "--t 2048 --rows slots_keep,slots_sdpa_gqa" to the attention step) or `<model>:<stages>`. `<MODEL>_S` (e.g. STATIC_S=400)
 # time-boxes a model's process, TEST_S the tests, KERNELS_S the kernels, ATTENTION_S the attention.
@@ -25,6 +25,14 @@ for step in ${STEPS:-tests static:prefill,decode_b1}; do
     timeout ${KERNELS_S:-90} python3 benchmarks/gpu/bench_kernels.py --out "$OUT" --row-loops ${ROW_LOOPS:-2:8:32,1:8:32,3:8:32,2:8:64,2:4:32,2:8:16} --ms ${KERNEL_MS:-1,2048} --ks ${KERNEL_KS:-4096,14336} ${KERNEL_NAMES:+--kernels $KERNEL_NAMES} \
       > "$OUT/kernels.log" 2>&1
     echo "kernels rc=$?"; grep -E "hadamard|copy|Error" "$OUT/kernels.log" | tail -40
+    continue
+  fi
+  if [[ $step == gemv ]]; then
+    echo "== decode GEMV settings"
+    timeout ${GEMV_S:-90} python3 benchmarks/gpu/bench_kernels.py --out "$OUT" \
+      --gemv ${GEMVS:-0:16:1024:4:3,1:16:1024:4:3,1:16:512:4:3,1:32:512:4:3,1:16:1024:4:6,1:8:1024:4:3} \
+      > "$OUT/gemv.log" 2>&1
+    echo "gemv rc=$?"; grep -E "gemv|Error" "$OUT/gemv.log" | tail -60
     continue
   fi
   if [[ $step == attention ]]; then

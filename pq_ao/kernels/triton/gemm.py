@@ -41,12 +41,15 @@ class GemmConfig:
     split_k: int = 1  # K split (programs per output tile); 0 = automatic (resolved by gemv/skinny_config)
     split_nibbles: bool = True  # W4A4 only: two half-K dots instead of interleaving
     kind: str = "mma"  # "mma": tensor cores (tl.dot); "dp4a": CUDA-core GEMV for M <= block_m <= 8
+    prefetch: bool = False  # dp4a only: issue the next K step's loads before this step's math
 
     def as_kwargs(self) -> dict:
         kw = dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k,
                   num_warps=self.num_warps, num_stages=self.num_stages)
         if self.kind == "mma":
             kw.update(GROUP_M=self.group_m, SPLIT_NIBBLES=self.split_nibbles)
+        else:
+            kw.update(PREFETCH=self.prefetch)
         return kw
 
 
@@ -165,13 +168,36 @@ def _odd_bytes(x0, x1):
 
 
 @triton.jit
-def _quantized_words(x_ptr, xs_ptr, rows_x, stride_xm, kw0, KW, BLOCK_M: tl.constexpr, BKW: tl.constexpr,
-                     A_BITS: tl.constexpr, W_BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr):
-    """Float activations for weight words kw0 .. kw0 + BKW -> dp4a words of their quantized values, matching the
-    weight words: W4 words hold k = 8w + (0, 2, 4, 6) (lo) / 8w + (1, 3, 5, 7) (hi); W8 words k = 4w + (0..3)."""
-    VALS: tl.constexpr = 8 if W_BITS == 4 else 4  # k values per weight word
-    offs_k = kw0 * VALS + tl.arange(0, BKW * VALS)
-    xv = tl.load(x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :], mask=offs_k[None, :] < KW * VALS, other=0.0)
+def _gemv_loads(x_ptr, w_ptr, rows_x, rows_w, stride_xm, stride_wn, kw0, kw_end, KW, BKW: tl.constexpr,
+                A_BITS: tl.constexpr, W_BITS: tl.constexpr, QUANT_X: tl.constexpr):
+    """One K step's loads for weight words kw0 .. kw0 + BKW (none past kw_end): the weight words [BLOCK_N, BKW] and
+    the activations as stored: float values [BLOCK_M, BKW * VALS] (QUANT_X), int8 byte words of the even / odd
+    words (A8 x W4: two words per weight word), or words [BLOCK_M, BKW] (both returned the same)."""
+    offs_kw = kw0 + tl.arange(0, BKW)
+    kmask = offs_kw < kw_end
+    w = tl.load(w_ptr + rows_w[:, None] * stride_wn + offs_kw[None, :], mask=kmask[None, :], other=0)
+    if QUANT_X:
+        VALS: tl.constexpr = 8 if W_BITS == 4 else 4  # k values per weight word
+        offs_k = kw0 * VALS + tl.arange(0, BKW * VALS)
+        xa = tl.load(x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :],
+                     mask=(offs_k[None, :] < kw_end * VALS) & (offs_k[None, :] < KW * VALS), other=0.0)
+        xb = xa
+    elif W_BITS == 4 and A_BITS == 8:
+        x_row = x_ptr + rows_x[:, None] * stride_xm + 2 * offs_kw[None, :]
+        xa = tl.load(x_row, mask=kmask[None, :], other=0)
+        xb = tl.load(x_row + 1, mask=kmask[None, :], other=0)
+    else:
+        xa = tl.load(x_ptr + rows_x[:, None] * stride_xm + offs_kw[None, :], mask=kmask[None, :], other=0)
+        xb = xa
+    return w, xa, xb
+
+
+@triton.jit
+def _quantized_words(xv, xs_ptr, BLOCK_M: tl.constexpr, BKW: tl.constexpr, A_BITS: tl.constexpr,
+                     W_BITS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """Float activations xv [BLOCK_M, BKW * VALS] of BKW weight words -> dp4a words of their quantized values,
+    matching the weight words: W4 words hold k = 8w + (0, 2, 4, 6) (lo) / 8w + (1, 3, 5, 7) (hi); W8 words
+    k = 4w + (0..3)."""
     q = quantize_values(xv.to(tl.float32), tl.load(xs_ptr), QMIN, QMAX)
     if A_BITS == 4:
         q = q * 16  # the x16 form of the weight words
@@ -193,6 +219,7 @@ def _int_gemv_kernel(
     A_BITS: tl.constexpr, W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_TOKEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     INTERP: tl.constexpr, QUANT_X: tl.constexpr = False, QMIN: tl.constexpr = 0, QMAX: tl.constexpr = 0,
+    PREFETCH: tl.constexpr = False,
 ):
     """x_ptr / w_ptr are int32 views of the operands; KW = int32 words per weight row. Each program: BLOCK_N
     weight rows x all (<= BLOCK_M) activation rows over one K split, in [BLOCK_M, BLOCK_N, words] dp4a lanes.
@@ -211,38 +238,40 @@ def _int_gemv_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N, BKW), dtype=tl.int32)
     kw_start = pid_k * KW_PER_SPLIT
     kw_end = tl.minimum(KW, kw_start + KW_PER_SPLIT)
+    # PREFETCH: each step issues the next step's loads before its own math (a register double buffer). The
+    # pipeliner does not buffer loads that feed elementwise code: num_stages changes nothing here (the same SASS),
+    # and without PREFETCH only other programs hide a step's load latency.
+    if PREFETCH:
+        w_n, xa_n, xb_n = _gemv_loads(x_ptr, w_ptr, rows_x, rows_w, stride_xm, stride_wn, kw_start, kw_end, KW, BKW,
+                                      A_BITS, W_BITS, QUANT_X)
     for kw0 in range(kw_start, kw_end, BKW):
-        offs_kw = kw0 + tl.arange(0, BKW)
-        kmask = offs_kw < kw_end
-        w = tl.load(w_ptr + rows_w[:, None] * stride_wn + offs_kw[None, :], mask=kmask[None, :], other=0)
+        if PREFETCH:
+            w, xa, xb = w_n, xa_n, xb_n
+            w_n, xa_n, xb_n = _gemv_loads(x_ptr, w_ptr, rows_x, rows_w, stride_xm, stride_wn, kw0 + BKW, kw_end, KW,
+                                          BKW, A_BITS, W_BITS, QUANT_X)
+        else:
+            w, xa, xb = _gemv_loads(x_ptr, w_ptr, rows_x, rows_w, stride_xm, stride_wn, kw0, kw_end, KW, BKW,
+                                    A_BITS, W_BITS, QUANT_X)
         w = w[None, :, :]
         if QUANT_X:
-            x_lo, x_hi = _quantized_words(x_ptr, xs_ptr, rows_x, stride_xm, kw0, KW, BLOCK_M, BKW, A_BITS, W_BITS,
-                                          QMIN, QMAX)
+            x_lo, x_hi = _quantized_words(xa, xs_ptr, BLOCK_M, BKW, A_BITS, W_BITS, QMIN, QMAX)
         if W_BITS == 4:
             w_lo = (w << 4) & MASK
             w_hi = w & MASK
             if QUANT_X:
                 pass
             elif A_BITS == 4:
-                x = tl.load(x_ptr + rows_x[:, None] * stride_xm + offs_kw[None, :], mask=kmask[None, :], other=0)
-                x_lo = (x << 4) & MASK
-                x_hi = x & MASK
+                x_lo = (xa << 4) & MASK
+                x_hi = xa & MASK
             else:
-                x_row = x_ptr + rows_x[:, None] * stride_xm + 2 * offs_kw[None, :]
-                x0 = tl.load(x_row, mask=kmask[None, :], other=0)
-                x1 = tl.load(x_row + 1, mask=kmask[None, :], other=0)
-                x_lo = _even_bytes(x0, x1)
-                x_hi = _odd_bytes(x0, x1)
+                x_lo = _even_bytes(xa, xb)
+                x_hi = _odd_bytes(xa, xb)
             acc = dp4a(tl.broadcast_to(w_lo, (BLOCK_M, BLOCK_N, BKW)),
                        tl.broadcast_to(x_lo[:, None, :], (BLOCK_M, BLOCK_N, BKW)), acc, ASM)
             acc = dp4a(tl.broadcast_to(w_hi, (BLOCK_M, BLOCK_N, BKW)),
                        tl.broadcast_to(x_hi[:, None, :], (BLOCK_M, BLOCK_N, BKW)), acc, ASM)
         else:
-            if QUANT_X:
-                x = x_lo
-            else:
-                x = tl.load(x_ptr + rows_x[:, None] * stride_xm + offs_kw[None, :], mask=kmask[None, :], other=0)
+            x = x_lo if QUANT_X else xa
             acc = dp4a(tl.broadcast_to(w, (BLOCK_M, BLOCK_N, BKW)),
                        tl.broadcast_to(x[:, None, :], (BLOCK_M, BLOCK_N, BKW)), acc, ASM)
     _finish(tl.sum(acc, axis=2), pid_n, offs_m, offs_n, xs_ptr, ws_ptr, b_ptr, out_ptr, ws_acc_ptr, ws_cnt_ptr,
@@ -288,17 +317,24 @@ def dp4a_supported(K: int, a_bits: int, w_bits: int) -> bool:
     return (a_bits, w_bits) in ((4, 4), (8, 4), (8, 8)) and K % 8 == 0
 
 
-def gemv_config(M: int, N: int, K: int, w_bits: int, block_n: int = 0, block_k: int = 0, num_warps: int = 4,
+# The dp4a GEMV's W4A4 / W8A8 defaults (the H100 sweep's best: 16 rows x 1024 K per step), the K split's target
+# (programs per multiprocessor) and the register prefetch of the next K step (`_int_gemv_kernel`'s PREFETCH).
+GEMV = dict(block_n=16, block_k=1024, warps=4, per_sm=3, prefetch=False)
+
+
+def gemv_config(M: int, N: int, K: int, w_bits: int, block_n: int = 0, block_k: int = 0, num_warps: int = 0,
                 num_stages: int = 0, split_k: int = 0, a_bits: int = 4) -> GemmConfig:
-    """dp4a GEMV for M <= 8. Defaults: the H100 sweep's best per bits (W4A4/W8A8: 16 rows x 1024 K per step, 3
-    stages; W4A8: 64 x 256, 4 stages), K split until ~3 programs per SM."""
+    """dp4a GEMV for M <= 8. Defaults: `GEMV` (W4A4/W8A8), 64 x 256 and 4 stages (W4A8: the H100 sweep's best);
+    K split until `GEMV["per_sm"]` programs per SM."""
     w4a8 = (a_bits, w_bits) == (8, 4)
-    block_n = block_n or (64 if w4a8 else 16)
-    block_k = block_k or (256 if w4a8 else 1024)
+    block_n = block_n or (64 if w4a8 else GEMV["block_n"])
+    block_k = block_k or (256 if w4a8 else GEMV["block_k"])
+    num_warps = num_warps or (4 if w4a8 else GEMV["warps"])
     num_stages = num_stages or (4 if w4a8 else 3)
     block_m = 1 if M <= 1 else (2 if M <= 2 else (4 if M <= 4 else 8))
-    split = split_k or _split_for(triton.cdiv(N, block_n), triton.cdiv(K, block_k), 2, 3)
-    return GemmConfig(block_m, block_n, block_k, num_warps, num_stages, group_m=1, split_k=split, kind="dp4a")
+    split = split_k or _split_for(triton.cdiv(N, block_n), triton.cdiv(K, block_k), 2, GEMV["per_sm"])
+    return GemmConfig(block_m, block_n, block_k, num_warps, num_stages, group_m=1, split_k=split, kind="dp4a",
+                      prefetch=GEMV["prefetch"])
 
 
 def skinny_config(M: int, N: int, K: int, w_bits: int, block_n: int = 32, block_k: int = 0, num_warps: int = 4,
