@@ -287,8 +287,6 @@ class PrefixAttention(nn.Module):
             k = torch.cat([self.prefix_k.to(k.dtype).expand(bsz, -1, -1, -1), k], dim=2)
             v = torch.cat([self.prefix_v.to(v.dtype).expand(bsz, -1, -1, -1), v], dim=2)
         keep = _keep_mask(attention_mask, q_len, kv_len, q.device) if q_len > 1 and flex_prefix.usable(q) else None
-        if keep is not None and MASKED_PREFILL == "sdpa":
-            return _masked_sdpa(q, k, v, keep, p, self.scaling)
         if keep is not None:
             return flex_prefix.prefix_flex_attention(q, k, v, keep, p, self.scaling)
         mask = _extend_mask(attention_mask, q_len, kv_len, p, q.device)
@@ -301,26 +299,6 @@ class PrefixAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, rotate_qk={self.rotate_qk}, prefix={self.prefix_len}"
-
-
-# What a compiled CUDA masked prefill runs: "sdpa" (`_masked_sdpa`: SDPA's masked kernels, cuDNN on Hopper, with
-# native GQA) or "flex" (`flex_prefix`).
-MASKED_PREFILL = "flex"
-
-
-def _masked_sdpa(q, k, v, keep, prefix_len: int, scale: float) -> torch.Tensor:
-    """q `[B, H, T, D]`; k, v `[B or 1, H_kv, P + S, D]` with the P prefix keys in front; keep bool `[B or 1, T, S]`.
-    SDPA with `enable_gqa` (no repeated KV heads) and the bool mask over prefix + slots, the keys padded with hidden
-    zero keys to a multiple of 8 (cuDNN's alignment; a static cache of S slots plus a prefix of P rarely is)."""
-    bsz, n_heads, q_len, _ = q.shape
-    pad = -k.shape[2] % 8
-    mb = keep.shape[0]
-    mask = torch.cat([keep.new_ones(mb, q_len, prefix_len), keep, keep.new_zeros(mb, q_len, pad)], dim=-1)
-    if pad:
-        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
-    k, v = k.expand(bsz, -1, -1, -1), v.expand(bsz, -1, -1, -1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
-                                          enable_gqa=k.shape[1] != n_heads)
 
 
 def _merge_heads(out: torch.Tensor) -> torch.Tensor:
