@@ -53,6 +53,7 @@ def gemv_sweep(args) -> None:
     copy = copy_tbps(dev)
     print(f"copy {copy:.2f} TB/s; triton {triton.__version__}, torch {torch.__version__}")
     rows = []
+    default_bn = gemm.GEMV["block_n"]
     for n, k in GEMV_SHAPES:
         ws = torch.rand(n, device=dev) * 0.01 + 1e-3
         xs = torch.tensor([0.05], device=dev)
@@ -62,8 +63,8 @@ def gemv_sweep(args) -> None:
         for kind in ("static_linear", "int_linear"):
             first = None
             for setting in args.gemv.split(","):
-                pf, bn, bk, warps, per_sm = (int(v) for v in setting.split(":"))
-                gemm.GEMV.update(prefetch=bool(pf), block_n=bn, block_k=bk, warps=warps, per_sm=per_sm)
+                bn, bk, warps, per_sm = (int(v) for v in setting.split(":"))
+                gemm.GEMV.update(block_n=(bn,) if bn else default_bn, block_k=bk, warps=warps, per_sm=per_sm)
                 if kind == "static_linear":
                     def make(i):
                         w, x = rand_packed(n, k, dev), act(1, k, dev)
@@ -101,8 +102,8 @@ def main():
     ap.add_argument("--ms", default="1,2048,8192", help="row counts to time")
     ap.add_argument("--ks", default="4096,14336", help="row lengths to time")
     ap.add_argument("--kernels", default="", help="only these kernels (comma-separated names; default all)")
-    ap.add_argument("--gemv", default="", help="decode GEMV settings to time instead, prefetch:block_n:block_k:"
-                    "warps:per_sm (gemm.GEMV), comma-separated; e.g. 0:16:1024:4:3,1:16:1024:4:3")
+    ap.add_argument("--gemv", default="", help="decode GEMV settings to time instead, block_n:block_k:warps:per_sm "
+                    "(gemm.GEMV; block_n 0: its choice by N), comma-separated; e.g. 0:1024:4:3,16:1024:4:3")
     args = ap.parse_args()
     if args.gemv:
         return gemv_sweep(args)

@@ -8,14 +8,14 @@
 # A step is `tests`, `attention` (bench_prefix_attention.py), `gemv` (bench_kernels.py --gemv GEMVS), `kernels` (bench_kernels.py with a sweep of the
 # Hadamard row loop's settings, ROW_LOOPS, at KERNEL_MS rows of KERNEL_KS elements, KERNEL_NAMES only; ATTENTION_ARGS passes
 # e.g. "--t 2048 --rows slots_keep,slots_sdpa_gqa" to the attention step) or `<model>:<stages>`. `<MODEL>_S` (e.g. STATIC_S=400)
-# time-boxes a model's process, TEST_S the tests, KERNELS_S the kernels, ATTENTION_S the attention.
+# time-boxes a model's process, TEST_S the tests (TEST_ENV: variables for them alone, e.g. CUDA_LAUNCH_BLOCKING=1), KERNELS_S the kernels, ATTENTION_S the attention.
 # Outputs land in $OUT: e2e_<model>.json (the profiles inside), <model>.log, gpu_tests.log, kernels.log, env.txt.
 set -uo pipefail
 source benchmarks/gpu/box_setup.sh .whl_a .whl
 for step in ${STEPS:-tests static:prefill,decode_b1}; do
   if [[ $step == tests ]]; then
     echo "== GPU tests"
-    timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -n 12 -m gpu ${TEST_PATHS:-tests/nn tests/tensors tests/kernels} \
+    env ${TEST_ENV:-} timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -n 12 -m gpu ${TEST_PATHS:-tests/nn tests/tensors tests/kernels} \
       > "$OUT/gpu_tests.log" 2>&1
     echo "tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -25
     continue
@@ -30,7 +30,7 @@ for step in ${STEPS:-tests static:prefill,decode_b1}; do
   if [[ $step == gemv ]]; then
     echo "== decode GEMV settings"
     timeout ${GEMV_S:-90} python3 benchmarks/gpu/bench_kernels.py --out "$OUT" \
-      --gemv ${GEMVS:-0:16:1024:4:3,1:16:1024:4:3,1:16:512:4:3,1:32:512:4:3,1:16:1024:4:6,1:8:1024:4:3} \
+      --gemv ${GEMVS:-0:1024:4:3,16:1024:4:3,8:1024:4:3,8:512:4:3,8:1024:4:4} \
       > "$OUT/gemv.log" 2>&1
     echo "gemv rc=$?"; grep -E "gemv|Error" "$OUT/gemv.log" | tail -60
     continue

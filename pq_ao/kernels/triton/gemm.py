@@ -41,15 +41,12 @@ class GemmConfig:
     split_k: int = 1  # K split (programs per output tile); 0 = automatic (resolved by gemv/skinny_config)
     split_nibbles: bool = True  # W4A4 only: two half-K dots instead of interleaving
     kind: str = "mma"  # "mma": tensor cores (tl.dot); "dp4a": CUDA-core GEMV for M <= block_m <= 8
-    prefetch: bool = False  # dp4a only: issue the next K step's loads before this step's math
 
     def as_kwargs(self) -> dict:
         kw = dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k,
                   num_warps=self.num_warps, num_stages=self.num_stages)
         if self.kind == "mma":
             kw.update(GROUP_M=self.group_m, SPLIT_NIBBLES=self.split_nibbles)
-        else:
-            kw.update(PREFETCH=self.prefetch)
         return kw
 
 
@@ -219,7 +216,6 @@ def _int_gemv_kernel(
     A_BITS: tl.constexpr, W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_TOKEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     INTERP: tl.constexpr, QUANT_X: tl.constexpr = False, QMIN: tl.constexpr = 0, QMAX: tl.constexpr = 0,
-    PREFETCH: tl.constexpr = False,
 ):
     """x_ptr / w_ptr are int32 views of the operands; KW = int32 words per weight row. Each program: BLOCK_N
     weight rows x all (<= BLOCK_M) activation rows over one K split, in [BLOCK_M, BLOCK_N, words] dp4a lanes.
@@ -238,20 +234,11 @@ def _int_gemv_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N, BKW), dtype=tl.int32)
     kw_start = pid_k * KW_PER_SPLIT
     kw_end = tl.minimum(KW, kw_start + KW_PER_SPLIT)
-    # PREFETCH: each step issues the next step's loads before its own math (a register double buffer). The
-    # pipeliner does not buffer loads that feed elementwise code: num_stages changes nothing here (the same SASS),
-    # and without PREFETCH only other programs hide a step's load latency.
-    if PREFETCH:
-        w_n, xa_n, xb_n = _gemv_loads(x_ptr, w_ptr, rows_x, rows_w, stride_xm, stride_wn, kw_start, kw_end, KW, BKW,
-                                      A_BITS, W_BITS, QUANT_X)
+    # (num_stages changes nothing in this loop: its loads feed elementwise code, which the pipeliner does not
+    # buffer; a register prefetch of the next step measured no faster on an H100, 2026-12-07)
     for kw0 in range(kw_start, kw_end, BKW):
-        if PREFETCH:
-            w, xa, xb = w_n, xa_n, xb_n
-            w_n, xa_n, xb_n = _gemv_loads(x_ptr, w_ptr, rows_x, rows_w, stride_xm, stride_wn, kw0 + BKW, kw_end, KW,
-                                          BKW, A_BITS, W_BITS, QUANT_X)
-        else:
-            w, xa, xb = _gemv_loads(x_ptr, w_ptr, rows_x, rows_w, stride_xm, stride_wn, kw0, kw_end, KW, BKW,
-                                    A_BITS, W_BITS, QUANT_X)
+        w, xa, xb = _gemv_loads(x_ptr, w_ptr, rows_x, rows_w, stride_xm, stride_wn, kw0, kw_end, KW, BKW, A_BITS,
+                                W_BITS, QUANT_X)
         w = w[None, :, :]
         if QUANT_X:
             x_lo, x_hi = _quantized_words(xa, xs_ptr, BLOCK_M, BKW, A_BITS, W_BITS, QMIN, QMAX)
@@ -317,9 +304,11 @@ def dp4a_supported(K: int, a_bits: int, w_bits: int) -> bool:
     return (a_bits, w_bits) in ((4, 4), (8, 4), (8, 8)) and K % 8 == 0
 
 
-# The dp4a GEMV's W4A4 / W8A8 defaults (the H100 sweep's best: 16 rows x 1024 K per step), the K split's target
-# (programs per multiprocessor) and the register prefetch of the next K step (`_int_gemv_kernel`'s PREFETCH).
-GEMV = dict(block_n=16, block_k=1024, warps=4, per_sm=3, prefetch=False)
+# The dp4a GEMV's W4A4 / W8A8 tiles: 16 weight rows x 1024 K per step, or 8 rows where N / 16 falls short of
+# `per_sm` programs per multiprocessor (a K split's zeroed workspace and atomics cost more than the narrower tile:
+# H100, M = 1, 2026-12-07: 6144 x 4096 8.2 us against 10.4, 4096 x 4096 6.3 against 8.4, 4096 x 14336 15.2 against
+# 16.6; 28672 x 4096 stays at 16 rows, 26.4 against 28.7); the K split then fills what is still short.
+GEMV = dict(block_n=(16, 8), block_k=1024, warps=4, per_sm=3)
 
 
 def gemv_config(M: int, N: int, K: int, w_bits: int, block_n: int = 0, block_k: int = 0, num_warps: int = 0,
@@ -327,14 +316,16 @@ def gemv_config(M: int, N: int, K: int, w_bits: int, block_n: int = 0, block_k: 
     """dp4a GEMV for M <= 8. Defaults: `GEMV` (W4A4/W8A8), 64 x 256 and 4 stages (W4A8: the H100 sweep's best);
     K split until `GEMV["per_sm"]` programs per SM."""
     w4a8 = (a_bits, w_bits) == (8, 4)
-    block_n = block_n or (64 if w4a8 else GEMV["block_n"])
+    want = GEMV["per_sm"] * NUM_SMS
+    if not block_n:
+        block_n = 64 if w4a8 else next((bn for bn in GEMV["block_n"] if triton.cdiv(N, bn) >= want),
+                                       GEMV["block_n"][-1])
     block_k = block_k or (256 if w4a8 else GEMV["block_k"])
     num_warps = num_warps or (4 if w4a8 else GEMV["warps"])
     num_stages = num_stages or (4 if w4a8 else 3)
     block_m = 1 if M <= 1 else (2 if M <= 2 else (4 if M <= 4 else 8))
     split = split_k or _split_for(triton.cdiv(N, block_n), triton.cdiv(K, block_k), 2, GEMV["per_sm"])
-    return GemmConfig(block_m, block_n, block_k, num_warps, num_stages, group_m=1, split_k=split, kind="dp4a",
-                      prefetch=GEMV["prefetch"])
+    return GemmConfig(block_m, block_n, block_k, num_warps, num_stages, group_m=1, split_k=split, kind="dp4a")
 
 
 def skinny_config(M: int, N: int, K: int, w_bits: int, block_n: int = 32, block_k: int = 0, num_warps: int = 4,

@@ -49,7 +49,7 @@ MAX_C = 128
 
 MAX_A = 128
 # The row loop (A > 1): programs per multiprocessor, warps (rows of 8192+ padded elements) and columns of X per step.
-ROW_LOOP = dict(programs_per_sm=2, warps=8, block_c=32)
+ROW_LOOP = dict(programs_per_sm=2, warps=8, block_c=64)
 
 
 

@@ -99,18 +99,27 @@ GPU_GEMV = [(m, n, k, 32, 512, s) for (n, k) in LLAMA + [(1000, 1032)] for m in 
 
 @pytest.mark.parametrize("device,case", cases(CPU_GEMV, GPU_GEMV))
 @pytest.mark.parametrize("a_bits,w_bits", [(4, 4), (8, 4), (8, 8)])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_int_linear_dp4a_gemv(monkeypatch, device, case, a_bits, w_bits, prefetch):
-    """The CUDA-core dp4a GEMV (M <= 8, K % 8 == 0), with and without split-K, K off the block size, with and
-    without the next K step's loads issued ahead."""
-    from pq_ao.kernels.triton import gemm
-
-    monkeypatch.setitem(gemm.GEMV, "prefetch", prefetch)
+def test_int_linear_dp4a_gemv(device, case, a_bits, w_bits):
+    """The CUDA-core dp4a GEMV (M <= 8, K % 8 == 0), with and without split-K, K off the block size."""
     m, n, k, bn, bk, split = case
     gen = torch.Generator().manual_seed(11 * a_bits + w_bits + m + n)
     cfg = gemv_config(m, n, k, w_bits, block_n=bn, block_k=bk, split_k=split)
     _check(m, n, k, a_bits, w_bits, device, gen, cfg, what=f"{cfg} W{w_bits}A{a_bits} {m}x{n}x{k}",
            all_epilogues=(m == 1 and device == "cpu"))
+
+
+def test_gemv_tiles_fill_the_multiprocessors_before_splitting_k():
+    """Decode shapes: 8-row tiles where 16 would leave the SMs short (no K split, no zeroed workspace), 16 where N
+    is large; a K split only where 8 rows still fall short."""
+    from pq_ao.kernels.triton import gemm
+
+    per_sm = gemm.GEMV["per_sm"]
+    for n, k, want_bn in ((6144, 4096, 8), (4096, 4096, 8), (4096, 14336, 8), (28672, 4096, 16)):
+        cfg = gemm.gemv_config(1, n, k, 4)
+        assert (cfg.block_n, cfg.split_k) == (want_bn, 1), (n, k, cfg)
+        assert n // cfg.block_n >= per_sm * gemm.NUM_SMS
+    small = gemm.gemv_config(1, 1024, 4096, 4)
+    assert small.block_n == 8 and small.split_k > 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -134,13 +143,8 @@ GPU_STATIC = [(m, n, k) for (n, k) in LLAMA for m in (1, 2, 4)] + [(5, 4096, 409
 
 @pytest.mark.parametrize("device,shape", cases(CPU_STATIC, GPU_STATIC))
 @pytest.mark.parametrize("a_bits,w_bits", [(4, 4), (8, 4), (8, 8)])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_static_linear_matches_quantize_then_linear(monkeypatch, device, shape, a_bits, w_bits, prefetch):
-    """Float activations in: the decode GEMV quantizes in registers (its loads issued a K step ahead or not); same
-    integers as quantize_static + int_linear."""
-    from pq_ao.kernels.triton import gemm
-
-    monkeypatch.setitem(gemm.GEMV, "prefetch", prefetch)
+def test_static_linear_matches_quantize_then_linear(device, shape, a_bits, w_bits):
+    """Float activations in: the decode GEMV quantizes in registers; same integers as quantize_static + int_linear."""
     m, n, k = shape
     gen = torch.Generator().manual_seed(3 * a_bits + w_bits + m + n + k)
     x = (torch.randn(m, k, generator=gen) * 2).to(torch.bfloat16).to(device)
