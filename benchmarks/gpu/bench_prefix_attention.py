@@ -119,7 +119,7 @@ def main():
         # int KV cache (T + 16 here, as bench_e2e sizes it), the new tokens in the first T, the rest hidden by a
         # mask built inside the compiled call from the cache's start position (a 0-d tensor), with and without the
         # bool `keep` tensor the model gathers from.
-        from pq_ao.nn import flex_prefix
+        from pq_ao.nn import flex_prefix as prefix_flex  # (the name flex_prefix is the "flex" row above)
 
         slots = t + 16
         ks = torch.cat([pk, k, torch.randn(1, hkv, 16, d, device=DEV, dtype=torch.bfloat16, generator=g)], 2)
@@ -130,7 +130,7 @@ def main():
         def slots_keep(q, ks, vs, start):
             pos = start + torch.arange(t, device=DEV)
             keep = (torch.arange(slots, device=DEV)[None, :] <= pos[:, None])[None]
-            return flex_prefix.prefix_flex_attention(q, ks, vs, keep, p, scale)
+            return prefix_flex.prefix_flex_attention(q, ks, vs, keep, p, scale)
 
         @torch.compile(dynamic=False, fullgraph=True)
         def slots_index(q, ks, vs, start, **opts):
