@@ -18,6 +18,10 @@ for step in ${STEPS:-tests static:prefill,decode_b1}; do
     env ${TEST_ENV:-} timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -n 12 -m gpu ${TEST_PATHS:-tests/nn tests/tensors tests/kernels} \
       > "$OUT/gpu_tests.log" 2>&1
     echo "tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -25
+    # a timed-out run's xdist workers can outlive it (14.7 GiB still on the GPU when the next model started, its
+    # decode timing disturbed): wait for the GPU to be free, then kill what still holds it
+    for _ in $(seq 30); do [[ -z $(nvidia-smi --query-compute-apps=pid --format=csv,noheader) ]] && break; sleep 1; done
+    nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
     continue
   fi
   if [[ $step == kernels ]]; then
