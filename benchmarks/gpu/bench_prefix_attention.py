@@ -7,8 +7,9 @@ Rows: `sdpa_causal` (what bf16 runs, no prefix, `enable_gqa`), `cat_mask` (Prefi
 fallback: prefix concatenated, a materialised bool mask, heads repeated), `flex` (FlexAttention, compiled, a block
 mask: prefix columns + causal offset, GQA native), `slots_*` (over every slot of the int KV cache, as the static
 model's prefill attends: FlexAttention with the model's bool `keep` mask or the same visibility from index
-arithmetic, and SDPA `enable_gqa` with the bool mask, what bf16_gqa's prefill runs). Each checked against an fp32
-math reference on the same inputs.
+arithmetic, and SDPA `enable_gqa` with the bool mask, what bf16_gqa's prefill runs), `codes_*` (the same from the
+int4 codes, decoded in the attention's graph or in one of their own). Each checked against an fp32 math reference
+on the same inputs.
 """
 
 from __future__ import annotations
@@ -163,6 +164,46 @@ def main():
             mask = torch.cat([torch.ones(t, p, dtype=torch.bool, device=DEV), keep], 1)[None, None]
             return F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
 
+        # From the int4 codes, as the static model's prefill reads its cache (`PrefixAttention._attend_slots`): the
+        # slots decoded (unpack, per-head scale) and the prefix put in front inside the same compiled graph as the
+        # attention (`codes_fused`: inductor may fuse the decode into the attention kernel's loads), decoded in a
+        # graph of its own first (`codes_split`: a real bf16 buffer), and fused with the keep mask passed in as a
+        # materialised bool tensor, as HF's static-cache mask arrives (`codes_fused_mask_input`).
+        from pq_ao import quant_math
+
+        k_scale = (ks[:, :, p:].float().abs().amax((0, 2, 3)) / 7).contiguous()
+        v_scale = (vs[:, :, p:].float().abs().amax((0, 2, 3)) / 7).contiguous()
+        k_codes = quant_math.pack_int4(quant_math.quantize(ks[:, :, p:], k_scale.view(1, -1, 1, 1), 4))
+        v_codes = quant_math.pack_int4(quant_math.quantize(vs[:, :, p:], v_scale.view(1, -1, 1, 1), 4))
+
+        def decode_slots(k_codes, v_codes):
+            k_all = quant_math.dequantize(quant_math.unpack_int4(k_codes), k_scale.view(1, -1, 1, 1), torch.bfloat16)
+            v_all = quant_math.dequantize(quant_math.unpack_int4(v_codes), v_scale.view(1, -1, 1, 1), torch.bfloat16)
+            return torch.cat([pk, k_all], 2), torch.cat([pv, v_all], 2)
+
+        decode_compiled = torch.compile(decode_slots, dynamic=False, fullgraph=True)
+
+        @torch.compile(dynamic=False, fullgraph=True)
+        def codes_fused(q, k_codes, v_codes, start):
+            kk, vv = decode_slots(k_codes, v_codes)
+            pos = start + torch.arange(t, device=DEV)
+            keep = (torch.arange(slots, device=DEV)[None, :] <= pos[:, None])[None]
+            return prefix_flex.prefix_flex_attention(q, kk, vv, keep, p, scale)
+
+        @torch.compile(dynamic=False, fullgraph=True)
+        def codes_fused_mask_input(q, k_codes, v_codes, keep):
+            kk, vv = decode_slots(k_codes, v_codes)
+            return prefix_flex.prefix_flex_attention(q, kk, vv, keep, p, scale)
+
+        def codes_split():
+            kk, vv = decode_compiled(k_codes, v_codes)
+            return slots_keep(q, kk, vv, start)
+
+        keep_input = slot_mask[0, :, :, p:].contiguous()  # [1, T, slots] bool, materialised
+        # the decoded slots hold the quantized K/V: compare against the reference over the decoded values
+        kq, vq = decode_slots(k_codes, v_codes)
+        want_codes = reference(q, kq[:, :, : p + t], vq[:, :, : p + t], p, scale)
+
         want = reference(q, kp, vp, p, scale)
         base = reference(q, k, v, 0, scale)
         row = dict(t=t, p=p)
@@ -178,6 +219,10 @@ def main():
                               ("slots_sdpa_gqa_pad8", slots_sdpa_gqa_pad8, want),
                               ("slots_sdpa_compiled", lambda: slots_sdpa_compiled(q, ks8, vs8, start), want),
                               ("slots_index", lambda: slots_index(q, ks, vs, start), want),
+                              ("codes_fused", lambda: codes_fused(q, k_codes, v_codes, start), want_codes),
+                              ("codes_split", codes_split, want_codes),
+                              ("codes_fused_mask_input", lambda: codes_fused_mask_input(q, k_codes, v_codes, keep_input),
+                               want_codes),
                               ("slots_index_64x64_w4_s3",
                                lambda: slots_index(q, ks, vs, start, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
                                want)):
