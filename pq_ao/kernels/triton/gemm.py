@@ -165,7 +165,7 @@ def _odd_bytes(x0, x1):
 
 
 @triton.jit
-def _gemv_loads(x_ptr, w_ptr, rows_x, rows_w, stride_xm, stride_wn, kw0, kw_end, KW, BKW: tl.constexpr,
+def _gemv_loads(x_ptr, w_ptr, rows_x, rows_w, stride_xm, stride_wn, kw0, kw_end, BKW: tl.constexpr,
                 A_BITS: tl.constexpr, W_BITS: tl.constexpr, QUANT_X: tl.constexpr):
     """One K step's loads for weight words kw0 .. kw0 + BKW (none past kw_end): the weight words [BLOCK_N, BKW] and
     the activations as stored: float values [BLOCK_M, BKW * VALS] (QUANT_X), int8 byte words of the even / odd
@@ -176,8 +176,8 @@ def _gemv_loads(x_ptr, w_ptr, rows_x, rows_w, stride_xm, stride_wn, kw0, kw_end,
     if QUANT_X:
         VALS: tl.constexpr = 8 if W_BITS == 4 else 4  # k values per weight word
         offs_k = kw0 * VALS + tl.arange(0, BKW * VALS)
-        xa = tl.load(x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :],
-                     mask=(offs_k[None, :] < kw_end * VALS) & (offs_k[None, :] < KW * VALS), other=0.0)
+        xa = tl.load(x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :], mask=offs_k[None, :] < kw_end * VALS,
+                     other=0.0)
         xb = xa
     elif W_BITS == 4 and A_BITS == 8:
         x_row = x_ptr + rows_x[:, None] * stride_xm + 2 * offs_kw[None, :]
@@ -237,8 +237,8 @@ def _int_gemv_kernel(
     # (num_stages changes nothing in this loop: its loads feed elementwise code, which the pipeliner does not
     # buffer; a register prefetch of the next step measured no faster on an H100, 2026-12-07)
     for kw0 in range(kw_start, kw_end, BKW):
-        w, xa, xb = _gemv_loads(x_ptr, w_ptr, rows_x, rows_w, stride_xm, stride_wn, kw0, kw_end, KW, BKW, A_BITS,
-                                W_BITS, QUANT_X)
+        w, xa, xb = _gemv_loads(x_ptr, w_ptr, rows_x, rows_w, stride_xm, stride_wn, kw0, kw_end, BKW, A_BITS, W_BITS,
+                                QUANT_X)
         w = w[None, :, :]
         if QUANT_X:
             x_lo, x_hi = _quantized_words(xa, xs_ptr, BLOCK_M, BKW, A_BITS, W_BITS, QMIN, QMAX)
