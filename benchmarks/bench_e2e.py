@@ -254,7 +254,8 @@ def profile_table(fn, rows: int = 20) -> str:
         fn()
         sync()
     events = prof.key_averages()
-    table = events.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows)
+    table = events.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows,
+                         max_name_column_width=110)  # inductor names list what a kernel fused
     if not cuda:
         return table
     api = [e for e in events if e.key.startswith(("cuda", "cu")) and e.count]

@@ -91,7 +91,7 @@ def main():
 
         bm = create_block_mask(mask_mod, 1, 1, t, t + p, device=DEV)
 
-        def flex_prefix():
+        def flex_row():
             return flex(q, kp, vp, block_mask=bm, scale=scale, enable_gqa=True)
 
         def flex_opts(**opts):
@@ -120,7 +120,7 @@ def main():
         # int KV cache (T + 16 here, as bench_e2e sizes it), the new tokens in the first T, the rest hidden by a
         # mask built inside the compiled call from the cache's start position (a 0-d tensor), with and without the
         # bool `keep` tensor the model gathers from.
-        from pq_ao.nn import flex_prefix as prefix_flex  # (the name flex_prefix is the "flex" row above)
+        from pq_ao.nn import flex_prefix as prefix_flex  # (named apart from the module-level `flex` row)
 
         slots = t + 16
         ks = torch.cat([pk, k, torch.randn(1, hkv, 16, d, device=DEV, dtype=torch.bfloat16, generator=g)], 2)
@@ -128,10 +128,10 @@ def main():
         start = torch.zeros((), dtype=torch.long, device=DEV)
 
         @torch.compile(dynamic=False, fullgraph=True)
-        def slots_keep(q, ks, vs, start):
+        def slots_keep(q, ks, vs, start, **opts):
             pos = start + torch.arange(t, device=DEV)
             keep = (torch.arange(slots, device=DEV)[None, :] <= pos[:, None])[None]
-            return prefix_flex.prefix_flex_attention(q, ks, vs, keep, p, scale)
+            return prefix_flex.prefix_flex_attention(q, ks, vs, keep, p, scale, opts or None)
 
         @torch.compile(dynamic=False, fullgraph=True)
         def slots_index(q, ks, vs, start, **opts):
@@ -191,9 +191,9 @@ def main():
             return prefix_flex.prefix_flex_attention(q, kk, vv, keep, p, scale)
 
         @torch.compile(dynamic=False, fullgraph=True)
-        def codes_fused_mask_input(q, k_codes, v_codes, keep):
+        def codes_fused_mask_input(q, k_codes, v_codes, keep, **opts):
             kk, vv = decode_slots(k_codes, v_codes)
-            return prefix_flex.prefix_flex_attention(q, kk, vv, keep, p, scale)
+            return prefix_flex.prefix_flex_attention(q, kk, vv, keep, p, scale, opts or None)
 
         def codes_split():
             kk, vv = decode_compiled(k_codes, v_codes)
@@ -208,7 +208,7 @@ def main():
         base = reference(q, k, v, 0, scale)
         row = dict(t=t, p=p)
         for name, fn, ref in (("sdpa_causal", sdpa_causal, base), ("cat_mask", cat_mask, want),
-                              ("flex", flex_prefix, want),
+                              ("flex", flex_row, want),
                               ("flex_128x64_w8_s3", flex_opts(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3), want),
                               ("flex_128x128_w8_s2", flex_opts(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2), want),
                               ("flex_64x64_w4_s3", flex_opts(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3), want),
@@ -223,6 +223,15 @@ def main():
                               ("codes_split", codes_split, want_codes),
                               ("codes_fused_mask_input", lambda: codes_fused_mask_input(q, k_codes, v_codes, keep_input),
                                want_codes),
+                              ("slots_keep_64x64_w4_s3",
+                               lambda: slots_keep(q, ks, vs, start, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                               want),
+                              ("slots_keep_128x64_w8_s2",
+                               lambda: slots_keep(q, ks, vs, start, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+                               want),
+                              ("codes_fused_mask_input_64x64_w4_s3",
+                               lambda: codes_fused_mask_input(q, k_codes, v_codes, keep_input, BLOCK_M=64, BLOCK_N=64,
+                                                              num_warps=4, num_stages=3), want_codes),
                               ("slots_index_64x64_w4_s3",
                                lambda: slots_index(q, ks, vs, start, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
                                want)):

@@ -53,4 +53,8 @@ for step in ${STEPS:-tests static:prefill,decode_b1}; do
   timeout $limit python3 benchmarks/bench_e2e.py --models $model --stages $stages --profile --budget-s $limit \
     --json "$OUT/e2e_$model.json" > "$OUT/$model.log" 2>&1
   echo "$model rc=$? in $(( $(date +%s) - t0 ))s"; grep -E "^\| $model |Error|error:" "$OUT/$model.log" | tail -8
+  # inductor's template kernels (FlexAttention) as compiled for this model: what their prologues and mask_mods read
+  mkdir -p "$OUT/templates/$model"
+  grep -rl --include=*.py "def triton_tem_" "${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}" 2>/dev/null \
+    | head -20 | xargs -r -I{} cp {} "$OUT/templates/$model/" 2>/dev/null
 done

@@ -31,10 +31,12 @@ def usable(q: torch.Tensor) -> bool:
 
 
 def prefix_flex_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, prefix_len: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, prefix_len: int, scale: float,
+    kernel_options: dict | None = None,
 ) -> torch.Tensor:
     """q `[B, H, T, D]`; k, v `[B, H_kv, P + S, D]` with the `prefix_len = P` prefix keys in front; keep bool
-    `[B or 1, T, S]` (True = key visible to the query). Returns `[B, H, T, D]`."""
+    `[B or 1, T, S]` (True = key visible to the query). `kernel_options` go to FlexAttention (tile sizes).
+    Returns `[B, H, T, D]`."""
     bsz, n_heads, q_len, _ = q.shape
     kv_len = k.shape[2]
     if k.shape != v.shape or k.shape[0] not in (1, bsz) or n_heads % k.shape[1]:
@@ -50,4 +52,5 @@ def prefix_flex_attention(
         return torch.where(kv_idx < prefix_len, True, keep[b, q_idx, (kv_idx - prefix_len).clamp(min=0)])
 
     block_mask = create_block_mask(mask_mod, bsz, None, q_len, kv_len, device=q.device)
-    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != n_heads)
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != n_heads,
+                          kernel_options=kernel_options)
