@@ -53,8 +53,8 @@ for step in ${STEPS:-tests static:prefill,decode_b1}; do
   timeout $limit python3 benchmarks/bench_e2e.py --models $model --stages $stages --profile --budget-s $limit \
     --json "$OUT/e2e_$model.json" > "$OUT/$model.log" 2>&1
   echo "$model rc=$? in $(( $(date +%s) - t0 ))s"; grep -E "^\| $model |Error|error:" "$OUT/$model.log" | tail -8
-  # inductor's template kernels (FlexAttention) as compiled for this model: what their prologues and mask_mods read
-  mkdir -p "$OUT/templates/$model"
-  grep -rl --include=*.py "def triton_tem_" "${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}" 2>/dev/null \
-    | head -20 | xargs -r -I{} cp {} "$OUT/templates/$model/" 2>/dev/null
+  # inductor's generated modules for this model's graphs (every kernel's source: what it fused, how it indexes)
+  cache_dir=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}
+  grep -rl --include=*.py "async_compile.triton(" "$cache_dir" 2>/dev/null | xargs -r ls -t | head -8 \
+    | tar czf "$OUT/inductor_code_$model.tgz" -T - 2>/dev/null; rm -rf "$cache_dir"
 done
