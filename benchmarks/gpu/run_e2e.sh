@@ -12,6 +12,13 @@
 # Outputs land in $OUT: e2e_<model>.json (the profiles inside), <model>.log, gpu_tests.log, kernels.log, env.txt.
 set -uo pipefail
 source benchmarks/gpu/box_setup.sh .whl_a .whl
+# inductor's generated modules of the step just run (every kernel's source: what it fused, its tiles and warps) go to
+# $OUT/inductor_code_<name>.tgz; the cache is emptied so the next step's modules are its own
+keep_inductor_code() {
+  local cache_dir=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}
+  grep -rl --include=*.py "async_compile.triton(" "$cache_dir" 2>/dev/null | xargs -r ls -t | head -8 \
+    | tar czf "$OUT/inductor_code_$1.tgz" -T - 2>/dev/null; rm -rf "$cache_dir"
+}
 for step in ${STEPS:-tests static:prefill,decode_b1}; do
   if [[ $step == tests ]]; then
     echo "== GPU tests"
@@ -44,6 +51,7 @@ for step in ${STEPS:-tests static:prefill,decode_b1}; do
     timeout ${ATTENTION_S:-150} python3 benchmarks/gpu/bench_prefix_attention.py --json "$OUT/prefix_attention.json" ${ATTENTION_ARGS:-} \
       > "$OUT/attention.log" 2>&1
     echo "attention rc=$?"; cut -c1-220 "$OUT/attention.log" | grep -vE "^\s*$|Warning|warn" | tail -30
+    keep_inductor_code attention
     continue
   fi
   model=${step%%:*}; stages=${step#*:}
@@ -53,8 +61,5 @@ for step in ${STEPS:-tests static:prefill,decode_b1}; do
   timeout $limit python3 benchmarks/bench_e2e.py --models $model --stages $stages --profile --budget-s $limit \
     --json "$OUT/e2e_$model.json" > "$OUT/$model.log" 2>&1
   echo "$model rc=$? in $(( $(date +%s) - t0 ))s"; grep -E "^\| $model |Error|error:" "$OUT/$model.log" | tail -8
-  # inductor's generated modules for this model's graphs (every kernel's source: what it fused, how it indexes)
-  cache_dir=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}
-  grep -rl --include=*.py "async_compile.triton(" "$cache_dir" 2>/dev/null | xargs -r ls -t | head -8 \
-    | tar czf "$OUT/inductor_code_$model.tgz" -T - 2>/dev/null; rm -rf "$cache_dir"
+  keep_inductor_code "$model"
 done
