@@ -156,6 +156,24 @@ def main():
         def slots_sdpa_gqa_pad8():
             return F.scaled_dot_product_attention(q, ks8, vs8, attn_mask=slot_mask8, scale=scale, enable_gqa=True)
 
+        # What bf16_gqa's prefill runs, exactly: no prefix, the static cache's T + 16 slots (a multiple of 16), HF's
+        # bool mask over them (85 us a layer in its e2e profile), eager and compiled; and the prefix + slots padded
+        # to a multiple of 16, 64 or 128 keys (does cuDNN's speed with a mask hang on the key count's alignment?).
+        bf16_mask = torch.ones(t, slots, dtype=torch.bool, device=DEV).tril()[None, None]
+        ks_np, vs_np = ks[:, :, p:], vs[:, :, p:]
+
+        def bf16_slots_mask():
+            return F.scaled_dot_product_attention(q, ks_np, vs_np, attn_mask=bf16_mask, scale=scale, enable_gqa=True)
+
+        bf16_slots_mask_compiled = torch.compile(bf16_slots_mask, dynamic=False, fullgraph=True)
+
+        def padded(mult):
+            extra = -(p + slots) % mult
+            kk = torch.cat([ks, torch.zeros(1, hkv, extra, d, device=DEV, dtype=torch.bfloat16)], 2)
+            vv = torch.cat([vs, torch.zeros(1, hkv, extra, d, device=DEV, dtype=torch.bfloat16)], 2)
+            m = torch.cat([slot_mask, torch.zeros(1, 1, t, extra, dtype=torch.bool, device=DEV)], 3)
+            return lambda: F.scaled_dot_product_attention(q, kk, vv, attn_mask=m, scale=scale, enable_gqa=True)
+
         @torch.compile(dynamic=False, fullgraph=True)
         def slots_sdpa_compiled(q, ks, vs, start):  # as a compiled model would run it: the mask built in the graph
             pos = start + torch.arange(t, device=DEV)
@@ -217,6 +235,11 @@ def main():
                               ("slots_keep", lambda: slots_keep(q, ks, vs, start), want),
                               ("slots_sdpa_gqa", slots_sdpa_gqa, want),
                               ("slots_sdpa_gqa_pad8", slots_sdpa_gqa_pad8, want),
+                              ("bf16_slots_mask", bf16_slots_mask, base),
+                              ("bf16_slots_mask_compiled", bf16_slots_mask_compiled, base),
+                              ("slots_sdpa_gqa_pad16", padded(16), want),
+                              ("slots_sdpa_gqa_pad64", padded(64), want),
+                              ("slots_sdpa_gqa_pad128", padded(128), want),
                               ("slots_sdpa_compiled", lambda: slots_sdpa_compiled(q, ks8, vs8, start), want),
                               ("slots_index", lambda: slots_index(q, ks, vs, start), want),
                               ("codes_fused", lambda: codes_fused(q, k_codes, v_codes, start), want_codes),
