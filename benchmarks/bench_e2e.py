@@ -151,6 +151,8 @@ def make_cache(model, kind: str, batch: int, max_len: int, fill: int):
             layer.values.normal_()
     for layer in cache.layers:
         layer.cumulative_length.fill_(fill)
+        if kind == "static":
+            layer.holds_tokens = fill > 0  # the host mirror of the length (QuantizedKVLayer)
     return cache
 
 
@@ -275,8 +277,7 @@ def bench_prefill(model, kind: str, profile: bool = False) -> dict:
         return compiled(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
 
     def empty_cache():
-        for layer in cache.layers:
-            layer.cumulative_length.fill_(0)
+        cache.reset()
 
     t = time.perf_counter()
     run()

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pq_ao.kernels import enable_compile_memo
+from pq_ao.nn import masks
 from pq_ao.nn.attention import KVQuantizer, PrefixAttention
 from pq_ao.passes.fuse import fuse_projections, unfused
 from pq_ao.passes.prefix import attach_prefix_positions
@@ -218,6 +219,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", verify:
         if spec["prefix_len"]:
             attn.set_prefix(tensors[f"{name}.prefix_k"], tensors[f"{name}.prefix_v"])
         model.set_submodule(name, attn)
+    masks.use_prefix_masks(model)
     for name, spec in meta["linears"].items():
         key = f"{name}.weight"
         fields = {f: tensors.pop(f"{key}.{f}") for f in ("qdata", "scale", "act_scale", "had_k", "act_clip")

@@ -9,11 +9,12 @@ the model's `position_embeddings`) and adds, in this order after RoPE:
 3. The prefix: constant full-precision K (post-RoPE at positions 0..P-1, post-R3) and V that every query attends to.
    Real tokens sit at positions P.. (see `PrefixPositions`); the HF cache never holds the prefix.
 4. With a `QuantizedKVCache`, the new tokens' K/V are stored as int4/int8 codes and attention reads them (decode:
-   `pq_ao::kv_attention` on the codes; prefill: SDPA on the dequantized slots), with the same values as 2.
-5. Without a mask, queries over their own keys (a forward without cache, a prefill into an empty HF cache) take
-   SDPA's causal kernels with the prefix put in front (`_causal_with_prefix`). With a mask (a prefill into the int
-   cache's slots, padding), compiled CUDA graphs take FlexAttention with a block mask (`flex_prefix`), other runs
-   SDPA with the mask materialised.
+   `pq_ao::kv_attention` on the codes; a prefill into an empty cache without padding: its own decoded codes; any
+   other prefill: every decoded slot, masked), with the same values as 2.
+5. Without a mask (HF's "pq_ao" masks, `pq_ao.nn.masks`: no padding), queries over their own keys (a forward
+   without cache, a prefill into an empty cache) take SDPA's causal kernels with the prefix put in front
+   (`_causal_with_prefix`). With a mask (a prefill into a filled cache, padding), compiled CUDA graphs take
+   FlexAttention with a block mask (`flex_prefix`), other runs SDPA with the mask materialised.
 
 Invariant: with no prefix, no quantizers and `rotate_qk=False`, outputs equal the wrapped module's (same math).
 """
@@ -243,11 +244,19 @@ class PrefixAttention(nn.Module):
 
     def _attend_codes(self, q, k, v, cache: QuantizedKVCache, attention_mask):
         """Write the new tokens' codes into the int cache, then attend over prefix + cache: decode (one query)
-        through `pq_ao::kv_attention`, which reads the codes directly; prefill through SDPA on the dequantized
-        slots. The slot mask comes from HF (the cache is static: it covers all `max_cache_len` slots). Returns the
-        heads side by side, `[B, q_len, H * D]`."""
-        k_codes, v_codes = cache.update(self.k_quant.codes(k), self.v_quant.codes(v), self.layer_idx)
-        q_len, slots = q.shape[2], k_codes.shape[2]
+        through `pq_ao::kv_attention`, which reads the codes directly; a prefill into an empty cache without padding
+        (no mask, `holds_tokens` False) over the prefix and its own decoded codes, SDPA's causal kernels; any other
+        prefill over the prefix and every decoded slot, masked. The slot mask comes from HF (over all
+        `max_cache_len` slots) or, without one, is causal from the cache position. Returns the heads side by side,
+        `[B, q_len, H * D]`."""
+        q_len = q.shape[2]
+        new_k, new_v = self.k_quant.codes(k), self.v_quant.codes(v)
+        fresh = q_len > 1 and attention_mask is None and not cache.layers[self.layer_idx].holds_tokens
+        k_codes, v_codes = cache.update(new_k, new_v, self.layer_idx)
+        if fresh:  # no padding, nothing cached before: the new tokens see the prefix and each other, causally
+            out = self._causal_with_prefix(q, self.k_quant.decode(new_k, q.dtype), self.v_quant.decode(new_v, q.dtype))
+            return _merge_heads(out)
+        slots = k_codes.shape[2]
         start = cache.layers[self.layer_idx].cumulative_length - q_len
         mask = _slot_mask(attention_mask, q.shape[0], q_len, slots, start, q.device)
         if q_len == 1:

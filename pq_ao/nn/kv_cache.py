@@ -20,11 +20,18 @@ from transformers.cache_utils import Cache, StaticLayer
 
 
 class QuantizedKVLayer(StaticLayer):
-    """One layer's code buffers; `update` takes and returns codes."""
+    """One layer's code buffers; `update` takes and returns codes.
+
+    `holds_tokens` mirrors on the host whether any token was written since the layer was made or `reset()` (the
+    length itself is a device tensor, read by no one on the host): a prefill into an empty cache attends over the new
+    tokens alone (`PrefixAttention`). torch.compile guards on it, so an empty and a filled cache get their own
+    graphs. Unknown (a cache over given buffers, `QuantizedKVCache.over`) counts as holding tokens. Write the cache
+    through `update` and `reset` only: setting `cumulative_length` by hand leaves the mirror stale."""
 
     def __init__(self, max_cache_len: int, bits: int):
         super().__init__(max_cache_len=max_cache_len)
         self.bits = bits
+        self.holds_tokens = False
 
     def update(self, key_codes: torch.Tensor, value_codes: torch.Tensor, *args, **kwargs):
         want = torch.uint8 if self.bits == 4 else torch.int8
@@ -33,7 +40,14 @@ class QuantizedKVLayer(StaticLayer):
                 f"QuantizedKVCache ({self.bits}-bit) stores {want} codes, got {key_codes.dtype}/{value_codes.dtype}: "
                 "only a PrefixQuant model with static K/V quantizers can use it (other attention modules write floats)"
             )
-        return super().update(key_codes, value_codes, *args, **kwargs)
+        out = super().update(key_codes, value_codes, *args, **kwargs)
+        if not self.holds_tokens:  # (read, not written, once set: no side effect in a decode graph)
+            self.holds_tokens = True
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        self.holds_tokens = False
 
 
 def _quantized_attentions(model: nn.Module) -> list:
@@ -89,6 +103,7 @@ class QuantizedKVCache(Cache):
             layer.k_head_dim = layer.v_head_dim = k.shape[3]
             layer.cumulative_length = length.reshape(()).clone()
             layer.is_initialized = True
+            layer.holds_tokens = True  # unknown: the general path
         return cache
 
     def empty_codes(self, batch_size: int, length: int, device) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pq_ao.hadamard import RandomHadamard, compute_dtype, hadamard_factor
+from pq_ao.nn import masks
 from pq_ao.nn.attention import PrefixAttention
 from pq_ao.nn.hadamard_linear import HadamardLinear
 from pq_ao.passes.fold_norms import norms_folded
@@ -68,11 +69,13 @@ def _rotate_heads_input(lin: nn.Linear, r: RandomHadamard, head_dim: int) -> Non
 def attach_attention(
     model: nn.Module, structure: ModelStructure | None = None, rotate_qk: bool = False
 ) -> ModelStructure:
-    """Swap every block's attention module for `PrefixAttention.wrap(attn, rotate_qk)` (R3 when rotate_qk)."""
+    """Swap every block's attention module for `PrefixAttention.wrap(attn, rotate_qk)` (R3 when rotate_qk), and
+    have HF build the masks `PrefixAttention` reads (`masks.use_prefix_masks`)."""
     s = structure or find_structure(model)
     for b in s.blocks:
         name = f"{b.block}.{b.attn}"
         model.set_submodule(name, PrefixAttention.wrap(model.get_submodule(name), rotate_qk=rotate_qk))
+    masks.use_prefix_masks(model)
     return s
 
 

@@ -160,3 +160,58 @@ def test_bf16_model_keeps_fp32_kv_scales_and_decodes(w4a4):
         out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0,
                              **{kw: QuantizedKVCache(model, max_cache_len=12)})  # fmt: skip
     assert out.shape == (1, 10)
+
+
+def test_a_prefill_into_an_empty_cache_attends_over_its_own_tokens(kv4, monkeypatch):
+    """No mask and `holds_tokens` False: causal SDPA over the new tokens' decoded codes (one call per layer), with
+    the logits of the masked path over every slot and the same codes written; `reset` empties the mirror again."""
+    from pq_ao.nn.attention import PrefixAttention
+
+    calls = []
+    causal = PrefixAttention._causal_with_prefix
+    monkeypatch.setattr(PrefixAttention, "_causal_with_prefix", lambda self, *a: calls.append(1) or causal(self, *a))
+    ids, kw = _ids(b=2, t=12, seed=10), cache_kwarg(kv4)
+    fresh = QuantizedKVCache(kv4, max_cache_len=16)
+    masked = QuantizedKVCache(kv4, max_cache_len=16, batch_size=2)
+    for layer in masked.layers:
+        layer.holds_tokens = True  # as if unknown: the masked path
+    with torch.no_grad():
+        got = kv4(input_ids=ids, use_cache=True, **{kw: fresh}).logits
+        n_fresh = len(calls)
+        want = kv4(input_ids=ids, use_cache=True, **{kw: masked}).logits
+    assert n_fresh == len(fresh.layers) and len(calls) == n_fresh
+    assert _rel(got, want) < 1e-6
+    for a, b in zip(fresh.layers, masked.layers):
+        assert a.holds_tokens and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    fresh.reset()
+    assert not any(layer.holds_tokens for layer in fresh.layers)
+    assert int(fresh.layers[0].cumulative_length) == 0
+
+
+def test_a_second_prefill_chunk_attends_over_the_first(kv4):
+    """The second chunk finds `holds_tokens` set and reads the cached slots: the logits of one whole pass."""
+    ids, kw = _ids(b=2, t=14, seed=11), cache_kwarg(kv4)
+    cache = QuantizedKVCache(kv4, max_cache_len=16)
+    with torch.no_grad():
+        first = kv4(input_ids=ids[:, :8], use_cache=True, **{kw: cache}).logits
+        second = kv4(input_ids=ids[:, 8:], use_cache=True, **{kw: cache}).logits
+        whole = kv4(input_ids=ids, use_cache=True, **{kw: DynamicCache()}).logits
+    assert _rel(torch.cat([first, second], 1), whole) < 1e-6
+
+
+def test_compiled_prefill_after_reset_matches_the_first(w4a4):
+    """torch.compile guards on `holds_tokens`: a reset cache prefills through the empty-cache graph again."""
+    ids, kw = _ids(b=2, t=10, seed=12), cache_kwarg(w4a4)
+    cache = QuantizedKVCache(w4a4, max_cache_len=12, batch_size=2)
+    compiled = torch.compile(w4a4, fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            first = compiled(input_ids=ids, use_cache=True, **{kw: cache}).logits
+            step = compiled(input_ids=ids[:, :1], use_cache=True, **{kw: cache}).logits
+            cache.reset()
+            again = compiled(input_ids=ids, use_cache=True, **{kw: cache}).logits
+    finally:
+        torch._dynamo.reset()
+    assert step.shape == (2, 1, first.shape[-1])
+    assert torch.equal(first, again)
