@@ -215,3 +215,36 @@ def test_compiled_prefill_after_reset_matches_the_first(w4a4):
         torch._dynamo.reset()
     assert step.shape == (2, 1, first.shape[-1])
     assert torch.equal(first, again)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled kernels)")
+def test_compiled_fresh_prefill_matches_the_masked_path_on_cuda():
+    """Compiled on CUDA, a fresh unpadded prefill runs causal SDPA over its own codes; forced onto the masked path
+    (FlexAttention over every slot), the logits agree, and so does the greedy token of every position."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    calib = torch.randint(3, 256, (4, 64), generator=torch.Generator().manual_seed(1))
+    pq_ao.quantize_(model, prefixquant_w4a4(calibration=calib, n_samples=4, seqlen=64, grid_samples=1,
+                                            grid_seqlen=64, grid_search=False))  # fmt: skip
+    model = model.cuda().to(torch.bfloat16)
+    ids = torch.randint(3, 256, (2, 33), generator=torch.Generator().manual_seed(2)).cuda()
+    compiled = torch.compile(model, fullgraph=True)
+    torch.compiler.reset()
+    out = {}
+    try:
+        for name, holds in (("fresh", False), ("masked", True)):
+            cache = QuantizedKVCache(model, max_cache_len=48, batch_size=2, device="cuda")
+            for layer in cache.layers:
+                layer.holds_tokens = holds
+            with torch.no_grad():
+                out[name] = compiled(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache}).logits.float()
+    finally:
+        torch.compiler.reset()
+    assert _rel(out["fresh"], out["masked"]) < 2e-2
+    assert (out["fresh"].argmax(-1) == out["masked"].argmax(-1)).float().mean() > 0.9
