@@ -97,24 +97,13 @@ def test_prefix_attention_takes_flex_for_masked_prefill(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention's compiled kernel)")
-def test_compiled_prefill_into_the_int_cache_matches_eager_on_cuda(monkeypatch):
+def test_compiled_prefill_into_the_int_cache_matches_eager_on_cuda(monkeypatch, tiny_w4a4_llama):
     """Compiled on CUDA, a prefill into the int KV cache attends through FlexAttention (eager: SDPA with the slot
     mask materialised), with fused q/k/v and gate/up: the same logits for a plain and a left-padded row."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import pq_ao
     from pq_ao.hf_compat import cache_kwarg
     from pq_ao.nn.kv_cache import QuantizedKVCache
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=1, eos_token_id=2)  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
-    calib = torch.randint(3, 256, (4, 64), generator=torch.Generator().manual_seed(1))
-    pq_ao.quantize_(model, pq_ao.prefixquant_w4a4(calibration=calib, n_samples=4, seqlen=64, grid_samples=1,
-                                                  grid_seqlen=64, grid_search=False))  # fmt: skip
-    model = model.cuda()
+    model = tiny_w4a4_llama.cuda()
     assert model.model.layers[0].self_attn.qkv_proj is not None
     ids = torch.randint(3, 256, (2, 21), generator=torch.Generator().manual_seed(2)).cuda()
     mask = torch.ones_like(ids)

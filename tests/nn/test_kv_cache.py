@@ -219,20 +219,10 @@ def test_compiled_prefill_after_reset_matches_the_first(w4a4):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled kernels)")
-def test_compiled_fresh_prefill_matches_the_masked_path_on_cuda():
+def test_compiled_fresh_prefill_matches_the_masked_path_on_cuda(tiny_w4a4_llama):
     """Compiled on CUDA, a fresh unpadded prefill runs causal SDPA over its own codes; forced onto the masked path
     (FlexAttention over every slot), the logits agree, and so does the greedy token of every position."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=1, eos_token_id=2)  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
-    calib = torch.randint(3, 256, (4, 64), generator=torch.Generator().manual_seed(1))
-    pq_ao.quantize_(model, prefixquant_w4a4(calibration=calib, n_samples=4, seqlen=64, grid_samples=1,
-                                            grid_seqlen=64, grid_search=False))  # fmt: skip
-    model = model.cuda().to(torch.bfloat16)
+    model = tiny_w4a4_llama.cuda().to(torch.bfloat16)
     ids = torch.randint(3, 256, (2, 33), generator=torch.Generator().manual_seed(2)).cuda()
     compiled = torch.compile(model, fullgraph=True)
     torch.compiler.reset()
