@@ -221,8 +221,10 @@ def test_compiled_prefill_after_reset_matches_the_first(w4a4):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled kernels)")
 def test_compiled_fresh_prefill_matches_the_masked_path_on_cuda(tiny_w4a4_llama):
     """Compiled on CUDA, a fresh unpadded prefill runs causal SDPA over its own codes; forced onto the masked path
-    (FlexAttention over every slot), the logits agree, and so does the greedy token of every position."""
-    model = tiny_w4a4_llama.cuda().to(torch.bfloat16)
+    (FlexAttention over every slot), the logits agree, and so does the greedy token of every position. In fp32: in
+    bf16 this random static W4A4 model is chaotic (compiled against eager on the CPU: 0.23 relative, both paths
+    alike), so agreement would say nothing."""
+    model = tiny_w4a4_llama.cuda()
     ids = torch.randint(3, 256, (2, 33), generator=torch.Generator().manual_seed(2)).cuda()
     compiled = torch.compile(model, fullgraph=True)
     torch.compiler.reset()
