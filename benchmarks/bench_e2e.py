@@ -266,8 +266,30 @@ def profile_table(fn, rows: int = 20) -> str:
     return table + "\nCUDA API (host):\n" + "\n".join(lines)
 
 
+def check_prefill_paths(model, compiled, ids, kw) -> dict:
+    """What the timed prefill computes, checked on the same ids: the last position's logits of the compiled
+    fresh-cache prefill (causal SDPA over its own codes) against the compiled masked path (every slot, the cache's
+    `holds_tokens` forced) and against eager; relative differences and whether the argmax agrees. (A random static
+    W4A4 model is chaotic in bf16: read these against each other, not against fp32 tolerances.)"""
+
+    def logits(fn, holds: bool) -> torch.Tensor:
+        cache = make_cache(model, "static", 1, PREFILL + 16, 0)
+        for layer in cache.layers:
+            layer.holds_tokens = holds
+        return fn(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits.float()
+
+    fresh, masked, eager = logits(compiled, False), logits(compiled, True), logits(model, False)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    return {"fresh_vs_masked": rel(fresh, masked), "fresh_vs_eager": rel(fresh, eager),
+            "masked_vs_eager": rel(masked, eager),
+            "argmax_fresh_masked_eager": [int(t.argmax()) for t in (fresh, masked, eager)]}  # fmt: skip
+
+
 @torch.inference_mode()  # without it autograd recorded every call and chained them through the cache (12-07)
-def bench_prefill(model, kind: str, profile: bool = False) -> dict:
+def bench_prefill(model, kind: str, profile: bool = False, check: bool = False) -> dict:
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     ids = torch.randint(10, model.config.vocab_size, (1, PREFILL), device=DEVICE)
     kw = cache_kw(model)
@@ -297,6 +319,9 @@ def bench_prefill(model, kind: str, profile: bool = False) -> dict:
         if profile:
             empty_cache()
             row["profile"] = profile_table(run)
+    if check and kind == "static":
+        row["check"] = check_prefill_paths(model, compiled, ids, kw)
+        print("prefill paths:", row["check"], flush=True)
     return row
 
 
@@ -348,6 +373,8 @@ def main() -> None:
                         "(torchao's fp8-row and int4 weight-only peers, with GQA-aware SDPA)")
     p.add_argument("--stages", default="prefill,decode_b1,decode_b16")
     p.add_argument("--profile", action="store_true", help="a profiler table of one call per stage")
+    p.add_argument("--check", action="store_true",
+                   help="static prefill: compare the fresh-cache path with the masked path and eager (a compile more)")
     p.add_argument("--tiny", action="store_true", help="small shapes on the CPU: a smoke test of this script")
     p.add_argument("--lock", type=Path, help="a lock file shared by processes run side by side (see LOCK)")
     args = p.parse_args()
@@ -391,7 +418,7 @@ def main() -> None:
                 break
             try:
                 if stage == "prefill":
-                    row[stage] = bench_prefill(model, cache_kind, args.profile)
+                    row[stage] = bench_prefill(model, cache_kind, args.profile, args.check)
                 else:
                     row[stage] = bench_decode(model, cache_kind, int(stage.removeprefix("decode_b")), args.profile)
             except torch.OutOfMemoryError as e:  # keep what the GPU held, for the next reader; go on

@@ -8,7 +8,7 @@
 # A step is `tests`, `attention` (bench_prefix_attention.py), `gemv` (bench_kernels.py --gemv GEMVS), `kernels` (bench_kernels.py with a sweep of the
 # Hadamard row loop's settings, ROW_LOOPS, at KERNEL_MS rows of KERNEL_KS elements, KERNEL_NAMES only; ATTENTION_ARGS passes
 # e.g. "--t 2048 --rows slots_keep,slots_sdpa_gqa" to the attention step) or `<model>:<stages>`. `<MODEL>_S` (e.g. STATIC_S=400)
-# time-boxes a model's process, TEST_S the tests (TEST_ENV: variables for them alone, e.g. CUDA_LAUNCH_BLOCKING=1), KERNELS_S the kernels, ATTENTION_S the attention.
+# time-boxes a model's process (CHECK=1: the static prefill's paths compared, bench_e2e --check), TEST_S the tests (TEST_ENV: variables for them alone, e.g. CUDA_LAUNCH_BLOCKING=1), KERNELS_S the kernels, ATTENTION_S the attention.
 # Outputs land in $OUT: e2e_<model>.json (the profiles inside), <model>.log, gpu_tests.log, kernels.log, env.txt.
 set -uo pipefail
 source benchmarks/gpu/box_setup.sh .whl_a .whl
@@ -58,7 +58,7 @@ for step in ${STEPS:-tests static:prefill,decode_b1}; do
   limit_var=$(echo "${model}_S" | tr a-z A-Z); limit=${!limit_var:-300}
   echo "== $model ($stages, at most ${limit}s); GPU memory used before: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader)"
   t0=$(date +%s)
-  timeout $limit python3 benchmarks/bench_e2e.py --models $model --stages $stages --profile --budget-s $limit \
+  timeout $limit python3 benchmarks/bench_e2e.py --models $model --stages $stages --profile ${CHECK:+--check} --budget-s $limit \
     --json "$OUT/e2e_$model.json" > "$OUT/$model.log" 2>&1
   echo "$model rc=$? in $(( $(date +%s) - t0 ))s"; grep -E "^\| $model |Error|error:" "$OUT/$model.log" | tail -8
   keep_inductor_code "$model"
